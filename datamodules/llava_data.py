@@ -1,0 +1,201 @@
+"""LLaVA-format records -> checked, tokenised samples -> padded batches.
+
+A record is `{"id", "image"?: path relative to the image folder, "conversations": [{"from": "human" |
+"gpt", "value"}, ...]}` with `<image>` in a human turn when there is an image. Records are checked when
+the DataModule is set up (structure, placeholder count, image file present, template, length), so a
+bad record fails in seconds, not hours into an epoch. With `on_error="skip"` bad records are dropped
+and counted instead; images that turn out unreadable when loaded are skipped (and counted) the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from datamodules.templates import IGNORE_INDEX, Encoded, TemplateError, encode
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A bad record or image; the message names the file and the record id."""
+
+
+@dataclass
+class Sample:
+    record: dict
+    index: int
+    length: int  # tokens after image expansion
+    has_image: bool
+
+
+@dataclass
+class CheckedRecords:
+    samples: list[Sample]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def load_records(json_path: str) -> list[dict]:
+    if not os.path.exists(json_path):
+        raise DataError(f"data file not found: {json_path}")
+    try:
+        with open(json_path) as f:
+            records = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{json_path}: not valid JSON: {err}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def check_records(records: list[dict], json_path: str, image_folder: str | None, encode_fn: Callable[[dict], Encoded],
+                  num_image_tokens: int, max_length: int, image_token: str, on_error: str) -> CheckedRecords:
+    """Check every record up front; raise on the first bad one, or skip and count (on_error="skip")."""
+    out = CheckedRecords([])
+    for index, rec in enumerate(records):
+        rid = rec.get("id", f"#{index}") if isinstance(rec, dict) else f"#{index}"
+        try:
+            length, has_image = _check(rec, image_folder, encode_fn, num_image_tokens, max_length, image_token)
+        except (DataError, TemplateError) as err:
+            reason = str(err)
+            if on_error == "raise":
+                raise DataError(f"{json_path}: record {rid!r}: {reason}") from None
+            key = reason.split(":")[0].split("(")[0].strip()
+            out.skipped[key] = out.skipped.get(key, 0) + 1
+            log.warning("skipping %s record %r: %s", json_path, rid, reason)
+            continue
+        out.samples.append(Sample(rec, index, length, has_image))
+    return out
+
+
+def _check(rec, image_folder, encode_fn, num_image_tokens, max_length, image_token) -> tuple[int, bool]:
+    if not isinstance(rec, dict):
+        raise DataError("record is not a JSON object")
+    if not rec.get("conversations"):
+        raise DataError("no conversations")
+    turns = rec["conversations"]
+    if not isinstance(turns, list):
+        raise DataError("'conversations' is not a list")
+    placeholders = sum(str(t.get("value", "")).count(image_token) for t in turns if isinstance(t, dict))
+    has_image = rec.get("image") is not None
+    if placeholders != int(has_image):
+        raise DataError(f"placeholder count mismatch: {placeholders} {image_token} in the text, "
+                        f"{int(has_image)} image(s) in the record")
+    if has_image:
+        if image_folder is None:
+            raise DataError("record has an image but data.image_folder is not set")
+        path = os.path.join(image_folder, rec["image"])
+        if not os.path.isfile(path):
+            raise DataError(f"missing image file: {path}")
+        if any(image_token in str(t.get("value", "")) for t in turns[1::2]):
+            raise DataError(f"{image_token} appears in a gpt turn; it belongs in a human turn")
+    enc = encode_fn(rec)
+    length = len(enc.input_ids) + (num_image_tokens - 1) * int(has_image)
+    if length > max_length:
+        raise DataError(f"too long: {length} tokens (with {num_image_tokens * has_image} image tokens) > "
+                        f"max_length {max_length}; raise data.max_length or skip it (data.on_error=skip)")
+    if all(label == IGNORE_INDEX for label in enc.labels):
+        raise DataError("no answer tokens to learn")
+    return length, has_image
+
+
+class LLaVADataset(Dataset):
+    """Checked samples -> dicts of tensors; the image placeholder id is expanded to N image tokens.
+
+    Args:
+        samples: records that passed `check_records`.
+        json_path: the records' file, for error messages.
+        image_folder: folder that record image paths are relative to.
+        encode_fn: record -> `Encoded` (template + tokenizer).
+        image_transform: PIL image -> [3, S, S] normalised tensor.
+        image_token_id: id of the placeholder in `input_ids`.
+        num_image_tokens: N, the image embeddings the model puts in place of each placeholder.
+        on_error: "raise" or "skip" for images that cannot be read.
+    """
+
+    def __init__(self, samples: list[Sample], json_path: str, image_folder: str | None,
+                 encode_fn: Callable[[dict], Encoded], image_transform: Callable, image_token_id: int,
+                 num_image_tokens: int, on_error: str = "raise") -> None:
+        self.samples = samples
+        self.json_path = json_path
+        self.image_folder = image_folder
+        self.encode_fn = encode_fn
+        self.image_transform = image_transform
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.on_error = on_error
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _expand(self, ids: list[int], labels: list[int] | None = None):
+        out_ids, out_labels = [], []
+        for k, tok in enumerate(ids):
+            n = self.num_image_tokens if tok == self.image_token_id else 1
+            out_ids += [tok] * n
+            if labels is not None:
+                out_labels += [IGNORE_INDEX] * n if tok == self.image_token_id else [labels[k]]
+        return out_ids, out_labels
+
+    def __getitem__(self, i: int) -> dict | None:
+        sample = self.samples[i]
+        rec = sample.record
+        pixels = None
+        if sample.has_image:
+            path = os.path.join(self.image_folder, rec["image"])
+            try:
+                with Image.open(path) as img:
+                    pixels = self.image_transform(img.convert("RGB"))  # [3, S, S]
+            except (OSError, ValueError) as err:
+                if self.on_error == "raise":
+                    raise DataError(f"{self.json_path}: record {rec.get('id')!r}: unreadable image {path}: {err}") from None
+                log.warning("skipping %s record %r: unreadable image %s: %s", self.json_path, rec.get("id"), path, err)
+                return None
+        enc = self.encode_fn(rec)
+        ids, labels = self._expand(enc.input_ids, enc.labels)
+        prompt, _ = self._expand(enc.prompt_ids)
+        return {"id": str(rec.get("id", sample.index)), "input_ids": ids, "labels": labels, "prompt_ids": prompt,
+                "answer": enc.answer, "question": _last_question(rec), "pixel_values": pixels}
+
+
+def _last_question(rec: dict) -> str:
+    return str(rec["conversations"][-2]["value"]).replace("<image>", "").strip()
+
+
+def collate(items: list[dict | None], pad_id: int) -> dict:
+    """Pad to the longest sample: input_ids/labels/attention_mask [B, T] right-padded, prompt_ids [B, P]
+    left-padded (for generation), pixel_values [M, 3, S, S] for the M samples that have an image, in order.
+    `num_skipped` counts unreadable images dropped from this batch."""
+    kept = [x for x in items if x is not None]
+    batch: dict = {"num_skipped": len(items) - len(kept)}
+    if not kept:
+        return batch
+    T = max(len(x["input_ids"]) for x in kept)
+    P = max(len(x["prompt_ids"]) for x in kept)
+    ids = torch.full((len(kept), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(kept), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(kept), T), dtype=torch.long)
+    prompt = torch.full((len(kept), P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(kept), P), dtype=torch.long)
+    for b, x in enumerate(kept):
+        n, p = len(x["input_ids"]), len(x["prompt_ids"])
+        ids[b, :n] = torch.tensor(x["input_ids"])
+        labels[b, :n] = torch.tensor(x["labels"])
+        mask[b, :n] = 1
+        prompt[b, P - p:] = torch.tensor(x["prompt_ids"])
+        prompt_mask[b, P - p:] = 1
+    images = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
+    batch.update(
+        input_ids=ids, labels=labels, attention_mask=mask, prompt_ids=prompt, prompt_mask=prompt_mask,
+        pixel_values=torch.stack(images) if images else None,
+        has_image=torch.tensor([x["pixel_values"] is not None for x in kept]),
+        ids=[x["id"] for x in kept], answers=[x["answer"] for x in kept], questions=[x["question"] for x in kept],
+    )
+    return batch

@@ -1,0 +1,173 @@
+"""A built-in LLaVA-format dataset of rendered shapes, so the quickstart needs no download.
+
+Each image (white background, side `image_size`) holds 1-4 copies of one shape in one colour, each in
+its own quadrant. Questions need the image: colour (6 choices), shape (4), count (4) and, for a single
+shape, its position (4), so chance is at most 25% on every question kind. Files written:
+
+    <root>/images/<id>.png
+    <root>/align.json        one caption per training image ("plain" alignment stage)
+    <root>/sft_train.json    multi-turn questions per image, plus a few text-only records
+    <root>/sft_val.json      held-out images, one question each (exact-match accuracy)
+    <root>/tokenizer/        a word-level tokenizer trained on the texts above (tokenizers library)
+
+Everything is a function of the seed; a finished dataset is reused (marked by <root>/DONE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (230, 200, 30), "purple": (140, 50, 170), "orange": (240, 130, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+COUNTS = ("one", "two", "three", "four")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUESTIONS = {
+    "colour": "What color are the shapes?",
+    "shape": "What shape are they?",
+    "count": "How many shapes are there?",
+    "position": "Where is the shape?",
+}
+# Text-only records: answerable without an image, so batches mix both kinds.
+TEXT_ONLY = [("How many sides does a square have?", "four"), ("How many sides does a triangle have?", "three"),
+             ("What color is the sky?", "blue"), ("What color is grass?", "green"),
+             ("What shape is a ball?", "circle"), ("What color is a banana?", "yellow")]
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML, the same format as the "chatml" template in datamodules/templates.py.
+CHATML_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], rgb) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=rgb)
+    else:  # cross
+        w = (x1 - x0) / 3
+        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=rgb)
+        draw.rectangle((x0, y0 + w, x1, y1 - w), fill=rgb)
+
+
+def render(rng: random.Random, image_size: int) -> tuple[Image.Image, dict]:
+    """One image and its facts: {"colour", "shape", "count", "quadrants"}."""
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    count = rng.randint(1, 4)
+    quadrants = sorted(rng.sample(range(4), count))
+    img = Image.new("RGB", (image_size, image_size), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    half = image_size / 2
+    for q in quadrants:
+        size = rng.uniform(0.45, 0.8) * half
+        x = (q % 2) * half + rng.uniform(0.05 * half, 0.95 * half - size)
+        y = (q // 2) * half + rng.uniform(0.05 * half, 0.95 * half - size)
+        _draw(draw, shape, (x, y, x + size, y + size), COLOURS[colour])
+    return img, {"colour": colour, "shape": shape, "count": count, "quadrants": quadrants}
+
+
+def answers(facts: dict) -> dict[str, str]:
+    out = {"colour": facts["colour"], "shape": facts["shape"], "count": COUNTS[facts["count"] - 1]}
+    if facts["count"] == 1:
+        out["position"] = QUADRANTS[facts["quadrants"][0]]
+    return out
+
+
+def caption(facts: dict) -> str:
+    noun = facts["shape"] + ("es" if facts["shape"] == "cross" and facts["count"] > 1 else
+                             "s" if facts["count"] > 1 else "")
+    where = " and ".join(QUADRANTS[q] for q in facts["quadrants"])
+    return f"{COUNTS[facts['count'] - 1]} {facts['colour']} {noun} at the {where}."
+
+
+def _record(rid: str, image: str | None, qa: list[tuple[str, str]]) -> dict:
+    turns = []
+    for k, (q, a) in enumerate(qa):
+        q = f"<image>\n{q}" if image is not None and k == 0 else q
+        turns += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    rec = {"id": rid, "conversations": turns}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: int = 4000,
+                    num_val: int = 200) -> str:
+    """Write the dataset under `root` (skipped when already complete) and return `root`.
+
+    Args:
+        root: output folder.
+        seed: everything (images, questions, split) is a function of it.
+        image_size: rendered image side in pixels.
+        num_train: training images (alignment captions and SFT conversations).
+        num_val: held-out images, one question each.
+    """
+    spec = {"seed": seed, "image_size": image_size, "num_train": num_train, "num_val": num_val}
+    if _is_complete(root, spec):
+        return root
+    # Write into a private folder and rename it into place, so concurrent ranks never see half a dataset.
+    final, root = root, f"{root}.tmp-{os.getpid()}"
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = random.Random(seed)
+    align, sft, val = [], [], []
+    for i in range(num_train + num_val):
+        img, facts = render(rng, image_size)
+        name = f"images/{i:06d}.png"
+        img.save(os.path.join(root, name))
+        qa = answers(facts)
+        if i < num_train:
+            align.append({"id": f"align-{i}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(facts)}]})
+            kinds = rng.sample(list(qa), k=min(len(qa), rng.randint(1, 3)))
+            sft.append(_record(f"sft-{i}", name, [(QUESTIONS[k], qa[k]) for k in kinds]))
+            if i % 20 == 0:
+                sft.append(_record(f"text-{i}", None, [rng.choice(TEXT_ONLY)]))
+        else:
+            kind = rng.choice(list(qa))
+            val.append(_record(f"val-{i}", name, [(QUESTIONS[kind], qa[kind])]))
+    for fname, records in (("align.json", align), ("sft_train.json", sft), ("sft_val.json", val)):
+        with open(os.path.join(root, fname), "w") as f:
+            json.dump(records, f, indent=1)
+    train_tokenizer(os.path.join(root, "tokenizer"), align + sft + val)
+    with open(os.path.join(root, "DONE"), "w") as f:
+        json.dump(spec, f)
+    if os.path.exists(final) and not _is_complete(final, spec):
+        shutil.rmtree(final)  # an older dataset with other settings
+    try:
+        os.rename(root, final)
+    except OSError:  # another process finished first
+        shutil.rmtree(root, ignore_errors=True)
+    return final
+
+
+def _is_complete(root: str, spec: dict) -> bool:
+    done = os.path.join(root, "DONE")
+    if not os.path.exists(done):
+        return False
+    with open(done) as f:
+        return json.load(f) == spec
+
+
+def train_tokenizer(out_dir: str, records: list[dict]) -> None:
+    """A word-level tokenizer over the dataset's texts, saved as a transformers tokenizer directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + CHAT_SPECIAL_TOKENS
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [t["value"] for r in records for t in r["conversations"]] + ["user assistant system"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS)
+    fast.chat_template = CHATML_JINJA
+    fast.save_pretrained(out_dir)

@@ -1,0 +1,9 @@
+"""Vision encoders behind one contract (`encoders.base.VisionEncoder`), found by name."""
+
+from encoders.base import VisionEncoder, split_parts
+from encoders.registry import build_encoder, encoder_options, list_encoders, register_encoder
+
+# Importing a family module registers its builders.
+from encoders import clip, sam, timm_vit  # noqa: E402,F401
+
+__all__ = ["VisionEncoder", "build_encoder", "encoder_options", "list_encoders", "register_encoder", "split_parts"]

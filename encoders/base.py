@@ -1,0 +1,73 @@
+"""The contract every vision encoder follows.
+
+A `VisionEncoder` owns its preprocessing constants (`image_size`, `pixel_mean`, `pixel_std`), its
+layer choice and its output layout, so nothing outside `encoders/` branches on an encoder's name
+(prismatic-vlms' `VisionBackbone` and timm's `forward_intermediates` follow the same idea).
+
+Wrappers (a token reducer, INF-LLaVA's dual-perspective module) take an encoder and satisfy the same
+contract themselves; they keep the wrapped encoder as `self.inner` and name their own trainable part
+in `part`, so the training code can freeze or unfreeze "encoder", "reducer" and "enhancer" apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VisionEncoder(nn.Module):
+    """Base class: pixels [B, 3, S, S] (already normalised) -> tokens [B, grid_h * grid_w, embed_dim].
+
+    Subclasses set the attributes below in `__init__` and implement `forward`.
+
+    Attributes:
+        image_size: native square input side S in pixels.
+        grid_size: (grid_h, grid_w) of the output tokens, row-major.
+        embed_dim: width C of each output token.
+        pixel_mean: per-channel mean on the 0-1 scale, subtracted before `forward`.
+        pixel_std: per-channel std on the 0-1 scale.
+        part: name of the trainable part this module's own parameters belong to.
+    """
+
+    image_size: int
+    grid_size: tuple[int, int]
+    embed_dim: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    part: str = "encoder"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward to save memory; wrappers pass it on to `inner`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def check_input(self, pixels: torch.Tensor) -> None:
+        """Fail with a clear message on an input the encoder cannot take."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects pixels [B, 3, H, W], got {tuple(pixels.shape)}")
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{type(self).__name__} takes {self.image_size}x{self.image_size} images, got "
+                f"{pixels.shape[-2]}x{pixels.shape[-1]}; preprocess with the encoder's image_size"
+            )
+
+
+def split_parts(vision: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Group a (possibly wrapped) vision tower's parameters by part name.
+
+    Walks the `inner` chain: each wrapper's own parameters go to its `part`, the innermost
+    encoder's to "encoder". Returns {part: [(qualified name, parameter), ...]}.
+    """
+    parts: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    prefix, module = "", vision
+    while True:
+        inner = getattr(module, "inner", None)
+        inner_ids = {id(p) for p in inner.parameters()} if inner is not None else set()
+        own = [(prefix + n, p) for n, p in module.named_parameters() if id(p) not in inner_ids]
+        parts.setdefault(getattr(module, "part", "encoder"), []).extend(own)
+        if inner is None:
+            return parts
+        prefix, module = prefix + "inner.", inner

@@ -1,0 +1,91 @@
+"""Composition in one place: config -> encoder -> reducer -> enhancer -> projector -> LLM.
+
+This is the only code that reads the experiment config; every module below takes plain keyword
+arguments and can be built and tested alone (as SAM's `_build_sam` wires its parts).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from encoders import VisionEncoder, build_encoder
+from lit_modules.projector import build_projector
+from lit_modules.vlm import VisionLanguageModel
+
+
+def _token_reducer(encoder: VisionEncoder, kind: str, **kwargs) -> VisionEncoder:
+    from encoders.token_reducer import build_token_reducer
+
+    return build_token_reducer(encoder, kind, **kwargs)
+
+
+def conv_reducer(encoder: VisionEncoder, channels: list[int] = (512, 1024)) -> VisionEncoder:
+    """Vary / DeepSeek-VL: two stride-2 3x3 convs, e.g. SAM's 64x64x256 -> 16x16x1024."""
+    return _token_reducer(encoder, "conv", channels=tuple(channels))
+
+
+def avgpool_reducer(encoder: VisionEncoder, factor: int = 4) -> VisionEncoder:
+    """Average pooling by `factor` per side (width unchanged)."""
+    return _token_reducer(encoder, "avgpool", factor=factor)
+
+
+def dual_perspective(encoder: VisionEncoder, n: int = 3, mode: str = "fast", perspectives: str = "both",
+                     fusion: str = "concat_ffn", combine_global: str = "mean", num_heads: int = 8) -> VisionEncoder:
+    """INF-LLaVA's DCM + DEM around the encoder (input n*S px); see lit_modules/dual_perspective.py."""
+    from lit_modules.dual_perspective import DualPerspective
+
+    return DualPerspective(encoder, n=n, mode=mode, perspectives=perspectives, fusion=fusion,
+                           combine_global=combine_global, num_heads=num_heads)
+
+
+REDUCERS = {"conv": conv_reducer, "avgpool": avgpool_reducer}
+ENHANCERS = {"dual_perspective": dual_perspective}
+
+
+def build_vision(cfg: DictConfig) -> VisionEncoder:
+    """The vision tower of `model`: encoder, then the optional reducer, then the optional enhancer."""
+    enc = OmegaConf.to_container(cfg.encoder)
+    vision = build_encoder(enc.pop("name"), **enc)
+    for block, registry in ((cfg.reducer, REDUCERS), (cfg.enhancer, ENHANCERS)):
+        if block is not None:
+            opts = OmegaConf.to_container(block)
+            vision = registry[opts.pop("name")](vision, **opts)
+    return vision
+
+
+def build_llm(path: str | None = None, config: dict | None = None, dtype: str | None = None,
+              attn_implementation: str | None = None, vocab_size: int | None = None,
+              grad_checkpointing: bool = False) -> PreTrainedModel:
+    """Any transformers causal LM, from a directory / hub id, or randomly initialised from an inline config.
+
+    Args:
+        path: model directory or hub id.
+        config: `{model_type: ..., **config kwargs}` for random init.
+        dtype: weights dtype name (e.g. "bfloat16") when loading from `path`.
+        attn_implementation: eager | sdpa | flash_attention_2 (None: transformers' default).
+        vocab_size: grow the embeddings to at least this size (tokens added for <image> / <pad>).
+        grad_checkpointing: recompute decoder layers in backward.
+    """
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if path is not None:
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, **kwargs)
+    else:
+        config = dict(config)
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), **kwargs)
+    if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(vocab_size)
+    if grad_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llm
+
+
+def build_vlm(cfg: DictConfig, tokenizer) -> VisionLanguageModel:
+    """`cfg` is the experiment's `model` section; `tokenizer` already holds the image placeholder."""
+    vision = build_vision(cfg)
+    llm_cfg = cfg.llm
+    llm = build_llm(llm_cfg.path, OmegaConf.to_container(llm_cfg.config) if llm_cfg.config else None,
+                    llm_cfg.dtype, llm_cfg.attn_implementation, len(tokenizer), llm_cfg.grad_checkpointing)
+    projector = build_projector(cfg.projector, vision.embed_dim, llm.config.get_text_config().hidden_size)
+    return VisionLanguageModel(vision, projector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))

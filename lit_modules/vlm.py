@@ -1,0 +1,85 @@
+"""The VLM as a plain nn.Module: vision tower -> projector -> causal LM.
+
+The vision tower is any `VisionEncoder`, possibly wrapped by a token reducer and/or an enhancer
+(INF-LLaVA's dual-perspective module), which satisfy the same contract. Each `<image>` placeholder in
+`input_ids` has already been expanded to N copies by the DataModule (as transformers' LLaVA processor
+does), so here the N projected image embeddings simply take those positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from encoders.base import VisionEncoder, split_parts
+
+
+class VisionLanguageModel(nn.Module):
+    """Args:
+        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
+        projector: [M, N, C] -> [M, N, D].
+        llm: a transformers causal LM with hidden size D.
+        image_token_id: placeholder id in input_ids (N consecutive copies per image).
+    """
+
+    def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters by part: encoder, reducer, enhancer, projector, llm."""
+        parts = {k: [("vision." + n, p) for n, p in v] for k, v in split_parts(self.vision).items()}
+        parts["projector"] = [("projector." + n, p) for n, p in self.projector.named_parameters()]
+        parts["llm"] = [("llm." + n, p) for n, p in self.llm.named_parameters()]
+        return parts
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[M, 3, S, S] normalised pixels -> [M, N, D] image embeddings in the LLM's input space."""
+        feats = self.vision(pixel_values)  # [M, N, C]
+        return self.projector(feats.to(self.projector_dtype()))  # [M, N, D]
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [B, T] (+ images [M, 3, S, S]) -> inputs_embeds [B, T, D] with images in place."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id  # [B, T]
+        num_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
+            if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Text-only batch under DDP: touch the vision path with zero weight so every rank's
+                # trainable vision parameters get a (zero) gradient and the all-reduce lines up.
+                dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
+                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+            return embeds
+        images = self.encode_images(pixel_values)  # [M, N, D]
+        if num_slots != images.shape[0] * images.shape[1]:
+            raise ValueError(f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
+                             f"{images.shape[0]} x {images.shape[1]} embeddings")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored)."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                 max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[list[int]]:
+        """Greedy decoding from left-padded prompts [B, P]; returns the new tokens of each sample (stop excluded)."""
+        embeds = self.embed(prompt_ids, pixel_values)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
+        # With inputs_embeds only, transformers returns just the generated tokens [B, <= max_new_tokens].
+        result = []
+        for row in out.tolist():
+            cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+            result.append(row[:cut])
+        return result
