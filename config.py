@@ -52,6 +52,7 @@ class ModelConfig:
     reducer: Optional[Dict[str, Any]] = None  # e.g. {name: conv} for SAM -> 256 tokens
     enhancer: Optional[Dict[str, Any]] = None  # e.g. {name: dual_perspective, n: 3}
     projector: str = "mlp2x_gelu"
+    mm_projector: Optional[str] = None  # LLaVA / INF-LLaVA stage-1 mm_projector.bin: projector (+ DEM) weights
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: Optional[str] = None  # tokenizer directory; defaults to llm.path
     image_token: str = "<image>"
@@ -139,7 +140,10 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictCo
         raise ConfigError(f"{path}: circular defaults: {' -> '.join(chain + (path,))}")
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml's scanner / constructor errors
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: an experiment YAML must be a mapping at the top level")
     defaults = node.pop("defaults", None) or []

@@ -165,7 +165,11 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + CHAT_SPECIAL_TOKENS
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    texts = [t["value"] for r in records for t in r["conversations"]] + ["user assistant system"]
+    # Every word the generator can emit, so a small dataset still gets the full vocabulary.
+    vocab_text = [" ".join(QUESTIONS.values()), " ".join(COLOURS), " ".join(SHAPES), " ".join(COUNTS),
+                  " ".join(QUADRANTS), "crosses squares circles triangles at the and . user assistant system"]
+    vocab_text += [q + " " + a for q, a in TEXT_ONLY]
+    texts = [t["value"] for r in records for t in r["conversations"]] + vocab_text
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from encoders import VisionEncoder, build_encoder
+from encoders.checkpoint import key_mismatch_error, require_file
 from lit_modules.projector import build_projector
 from lit_modules.vlm import VisionLanguageModel
 
@@ -81,6 +82,24 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
     return llm
 
 
+def load_mm_projector(path: str, vision: VisionEncoder, projector: torch.nn.Module) -> None:
+    """Load LLaVA's / INF-LLaVA's stage-1 `mm_projector.bin` (keys `[model.]mm_projector.*`, and
+    `[model.]spatial_embed.*` for INF-LLaVA's DEM) into the projector and the enhancer."""
+    from lit_modules.dual_perspective import DualPerspective, load_inf_llava
+
+    state = torch.load(require_file(path, "mm_projector weights"), map_location="cpu", weights_only=True)
+    if isinstance(vision, DualPerspective):
+        rest = load_inf_llava(vision, state)
+    else:
+        rest = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+        others = [k for k in state if "mm_projector." not in k]
+        if others:
+            raise key_mismatch_error(path, [], others)
+    missing, unexpected = projector.load_state_dict(rest, strict=False)
+    if missing or unexpected:
+        raise key_mismatch_error(path, [f"mm_projector.{k}" for k in missing], [f"mm_projector.{k}" for k in unexpected])
+
+
 def build_vlm(cfg: DictConfig, tokenizer) -> VisionLanguageModel:
     """`cfg` is the experiment's `model` section; `tokenizer` already holds the image placeholder."""
     vision = build_vision(cfg)
@@ -88,4 +107,6 @@ def build_vlm(cfg: DictConfig, tokenizer) -> VisionLanguageModel:
     llm = build_llm(llm_cfg.path, OmegaConf.to_container(llm_cfg.config) if llm_cfg.config else None,
                     llm_cfg.dtype, llm_cfg.attn_implementation, len(tokenizer), llm_cfg.grad_checkpointing)
     projector = build_projector(cfg.projector, vision.embed_dim, llm.config.get_text_config().hidden_size)
+    if cfg.mm_projector is not None:
+        load_mm_projector(cfg.mm_projector, vision, projector)
     return VisionLanguageModel(vision, projector, llm, tokenizer.convert_tokens_to_ids(cfg.image_token))

@@ -414,7 +414,7 @@ class DualPerspective(VisionEncoder):
             genh = out_blocks[:, rb.view(-1, 1), rb.view(1, -1), rs.view(-1, 1), rs.view(1, -1)]  # [B, m*g, m*g, C]
         if self.perspectives in ("both", "local"):
             # Query L[h::n, w::n] for the needed offsets only, key/value strided view hw: m*m attentions
-            # of g*g queries (1 of 576 for n = 3, g = 24) instead of n*n.
+            # of g*g queries instead of n*n (one of 576 queries for n = 3, g = 24, instead of nine).
             local_map = blocks_to_map(crops).view(B, g, n, g, n, C)  # L, row n*y + h -> [.., y, h, ..]
             local_part = local_map.index_select(2, self._offsets).index_select(4, self._offsets)  # [B, g, m, g, m, C]
             q = local_part.permute(0, 2, 4, 1, 3, 5).reshape(B * m * m, g * g, C)  # [B*m*m, g*g, C]

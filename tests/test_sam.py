@@ -75,7 +75,8 @@ def test_contract_attributes():
         encoder = build_encoder("sam_vit_b")
         small = build_encoder("sam_vit_b", image_size=512)
     assert isinstance(encoder, SamImageEncoder)
-    assert (encoder.image_size, encoder.grid_size, encoder.embed_dim, encoder.num_tokens) == (1024, (64, 64), 256, 4096)
+    assert (encoder.image_size, encoder.grid_size, encoder.num_tokens) == (1024, (64, 64), 4096)
+    assert encoder.embed_dim == 256  # the neck's width, not the transformer's 768
     assert (small.image_size, small.grid_size, small.num_tokens) == (512, (32, 32), 1024)
     assert encoder.pixel_mean == pytest.approx((0.485, 0.456, 0.406))  # 123.675 / 255, ...
     assert encoder.pixel_std == pytest.approx((0.229, 0.224, 0.225))

@@ -1,0 +1,101 @@
+"""Config composition (defaults, file, overrides) and each validation error."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from config import EXPERIMENTS_DIR, ConfigError, load_config
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+name: base
+model:
+  encoder: {name: timm:vit_tiny_patch16_224, image_size: 64}
+  llm: {config: {model_type: llama, hidden_size: 32}}
+  tokenizer: some/dir
+data: {train_json: train.json, batch_size: 4}
+optim: {lr: 0.1}
+"""
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    write(tmp_path, "base.yaml", BASE)
+    write(tmp_path, "frag.yaml", "optim: {lr: 0.2, weight_decay: 0.5}\ndata: {batch_size: 8}")
+    exp = write(tmp_path, "exp.yaml", "defaults: [base.yaml, frag.yaml]\nname: exp\noptim: {lr: 0.3}")
+    cfg = load_config(exp, ["data.batch_size=16", "model.llm.config.hidden_size=64"])
+    assert (cfg.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size) == ("exp", 0.3, 0.5, 16)
+    assert cfg.model.llm.config == {"model_type": "llama", "hidden_size": 64}
+    assert cfg.data.max_length == 2048  # schema default
+
+
+def test_encoder_swap_replaces_the_block(tmp_path):
+    exp = write(tmp_path, "base.yaml", BASE)
+    cfg = load_config(exp, ["model.encoder.name=sam_vit_b"])
+    assert dict(cfg.model.encoder) == {"name": "sam_vit_b"}  # image_size of the timm encoder is not inherited
+    cfg = load_config(exp, ["model.encoder.image_size=96"])  # same name: merged
+    assert dict(cfg.model.encoder) == {"name": "timm:vit_tiny_patch16_224", "image_size": 96}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys in 'optim': lr, lr_per_part"),
+    ("optim.lr=fast", "bad value for 'optim.lr'"),
+    ("data.batch_size=1.5", "bad value for 'data.batch_size'"),
+    ("nonsense=1", "unknown key 'nonsense'"),
+    ("model.encoder.name=resnet", "unknown encoder 'resnet'; choose one of: clip, clip_vit_l_224"),
+    ("model.encoder.depth=3", "unknown key 'model.encoder.depth' for encoder 'timm:vit_tiny_patch16_224'; valid options"),
+    ("model.projector=qformer", "'model.projector' = 'qformer' is not valid; choose one of: linear, mlp2x_gelu"),
+    ("model.enhancer={name: magic}", "'model.enhancer.name' = 'magic' is not valid; choose one of: dual_perspective"),
+    ("model.enhancer={name: dual_perspective, crops: 4}", "unknown key 'model.enhancer.crops'"),
+    ("stage=pretrain", "'stage' = 'pretrain' is not valid; choose one of: align, sft"),
+    ("trainable=[vision]", "'trainable' = 'vision' is not valid"),
+    ("data.template=alpaca", "'data.template' = 'alpaca' is not valid"),
+    ("data.on_error=ignore", "'data.on_error' = 'ignore' is not valid; choose one of: raise, skip"),
+    ("trainer.max_step=3", "unknown key 'trainer.max_step' (not a lightning.Trainer argument)"),
+    ("model.llm.path=some/dir", "set exactly one of 'model.llm.path'"),
+    ("optim.lr_per_part={vision: 0.1}", "'optim.lr_per_part.vision' = 'vision' is not valid"),
+    ("novalue", "is not key=value"),
+])
+def test_validation_errors_name_the_key(tmp_path, override, needle):
+    exp = write(tmp_path, "base.yaml", BASE)
+    with pytest.raises(ConfigError) as err:
+        load_config(exp, [override])
+    assert needle in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    a = write(tmp_path, "a.yaml", "defaults: [b.yaml]")
+    write(tmp_path, "b.yaml", "defaults: [a.yaml]")
+    with pytest.raises(ConfigError, match="circular defaults"):
+        load_config(a)
+    bad = write(tmp_path, "bad.yaml", BASE.replace("batch_size: 4", "max_length: lots"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: bad value for 'data.max_length'"):
+        load_config(bad)
+    broken = write(tmp_path, "broken.yaml", BASE + "\ndata: {batch_size: 4")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+
+def experiment_files() -> list[str]:
+    """Every experiment YAML (bases and per-encoder fragments are not experiments on their own)."""
+    files = glob.glob(os.path.join(EXPERIMENTS_DIR, "**", "*.yaml"), recursive=True)
+    return sorted(f for f in files if os.path.basename(f) != "base.yaml" and "/encoders/" not in f)
+
+
+@pytest.mark.parametrize("path", experiment_files(), ids=lambda p: os.path.relpath(p, EXPERIMENTS_DIR))
+def test_every_experiment_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.stage in ("align", "sft")
+    first = open(path).readline()
+    assert first.startswith("# python train.py"), f"{path} must start with the command that runs it"
