@@ -83,10 +83,11 @@ def build_trainer(cfg: DictConfig, resume: str | None) -> L.Trainer:
     # A resumed run keeps writing to its own run directory, so its curves continue in TensorBoard.
     version = cfg.logging.version or (os.path.basename(os.path.dirname(os.path.dirname(resume))) if resume else None)
     logger = TensorBoardLogger(cfg.logging.root, name=cfg.name, version=version, default_hp_metric=False)
-    ck = cfg.checkpoint
+    ck, ckpt_dir = cfg.checkpoint, os.path.join(logger.log_dir, "checkpoints")
     callbacks = [
-        ModelCheckpoint(dirpath=os.path.join(logger.log_dir, "checkpoints"), monitor=ck.monitor, mode=ck.mode,
-                        save_top_k=ck.save_top_k, save_last=True, every_n_train_steps=ck.every_n_train_steps,
+        # last.ckpt on a step schedule (and each epoch end) for resuming; best-*.ckpt when validation improves.
+        ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=ck.every_n_train_steps),
+        ModelCheckpoint(dirpath=ckpt_dir, monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k,
                         filename="best-{step}"),
         LearningRateMonitor(logging_interval="step"),
         # samples/s and tokens/s ("items" = non-padding tokens, image tokens included)

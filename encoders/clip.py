@@ -88,7 +88,9 @@ class CLIPEncoder(VisionEncoder):
 def _load_clip(checkpoint: str) -> tuple[CLIPVisionModel, tuple, tuple]:
     """Load a CLIP (full or vision-only) HF directory strictly, with its own normalisation if given."""
     path = require_file(checkpoint, "CLIP checkpoint directory")
-    model, info = CLIPVisionModel.from_pretrained(path, output_loading_info=True)
+    # float32 like a random init and the other encoders: transformers 5 otherwise keeps the stored dtype
+    # (a bf16 directory would give a bf16 tower); mixed precision is the trainer's job.
+    model, info = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"]:
         raise key_mismatch_error(path, list(info["missing_keys"]), list(info["unexpected_keys"]))
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

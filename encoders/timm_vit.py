@@ -110,6 +110,11 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
+    # Weights files keep the classifier (`head.*`, or e.g. `head_dist.*`, from the pretrained config), but the
+    # encoder is built with num_classes=0, so those keys would be "unexpected"; timm's own loader drops them too.
+    heads = model.pretrained_cfg.get("classifier") or "head"
+    prefixes = tuple(h + "." for h in ((heads,) if isinstance(heads, str) else heads))
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise key_mismatch_error(path, missing, unexpected)

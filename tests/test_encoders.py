@@ -1,0 +1,339 @@
+"""Every registered encoder against the `VisionEncoder` contract; CLIP and timm parity; loading errors.
+
+The contract tests are parametrised over the registry, so a newly registered encoder is tested (and
+fails until it gets an entry in TINY and FULL_SIZE below). SAM's parity with the official code and
+its checkpoint handling live in tests/test_sam.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+from encoders import VisionEncoder, build_encoder, encoder_options
+from encoders.registry import _BUILDERS, get_builder
+
+REGISTERED = sorted(_BUILDERS)
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+TINY_TIMM_KWARGS = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
+
+# registry name -> (name to build, keyword arguments): small enough for a CPU forward + backward in well
+# under a second. The CLIP-L variants keep their real embeddings and width and only one of their 24
+# layers (select_layer=1); building them still initialises 300M parameters once (~5 s each).
+TINY = {
+    "clip": ("clip", {"config": TINY_CLIP}),
+    "clip_vit_l_224": ("clip_vit_l_224", {"select_layer": 1}),
+    "clip_vit_l_336": ("clip_vit_l_336", {"select_layer": 1}),
+    "sam_vit_b": ("sam_vit_b", {"image_size": 64}),  # 4x4 grid; the 14x14 windows are padded, as in SAM
+    "timm": ("timm:vit_tiny_patch16_224", {"image_size": 32, "model_kwargs": TINY_TIMM_KWARGS}),
+}
+
+
+def vit_params(width: int, mlp: int, blocks: int, patch: int, side: int, patch_bias: bool) -> int:
+    """Pre-norm ViT with a CLS token and learned position embeddings, no final norm, no head."""
+    tokens = (side // patch) ** 2 + 1
+    embed = 3 * patch * patch * width + (width if patch_bias else 0) + width + tokens * width  # patch, cls, pos
+    block = 4 * (width * width + width) + 2 * 2 * width + (width * mlp + mlp) + (mlp * width + width)
+    return embed + blocks * block
+
+
+# registry name -> (name, kwargs, (image_size, grid, embed_dim, parameters)) at full size, built on the meta
+# device (no memory, no init). Parameter counts are written out by hand: layers after the selected one are
+# pruned (CLIP-L keeps 23 of 24 layers, 290.9M of its 303.5M; ViT-B keeps 11 of 12 blocks).
+CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
+FULL_SIZE = {
+    # pre_layrnorm (2 * 1024) on top of the ViT; the patch conv has no bias
+    "clip": ("clip", {"config": dict(CLIP_L, image_size=336)},
+             (336, (24, 24), 1024, vit_params(1024, 4096, 23, 14, 336, False) + 2048)),
+    "clip_vit_l_336": ("clip_vit_l_336", {}, (336, (24, 24), 1024, 290_909_184)),
+    "clip_vit_l_224": ("clip_vit_l_224", {}, (224, (16, 16), 1024, 290_581_504)),
+    "sam_vit_b": ("sam_vit_b", {}, (1024, (64, 64), 256, 89_670_912)),  # official ImageEncoderViT count
+    "timm": ("timm:vit_base_patch16_224", {}, (224, (14, 14), 768, vit_params(768, 3072, 11, 16, 224, True))),
+}
+
+
+def test_every_registered_encoder_has_test_settings():
+    for name in REGISTERED:
+        assert name in TINY, f"add tiny build settings for the new encoder {name!r} to TINY in {__file__}"
+        assert name in FULL_SIZE, f"add the full-size numbers of the new encoder {name!r} to FULL_SIZE"
+
+
+@functools.cache
+def _build_once(name: str) -> VisionEncoder:
+    torch.manual_seed(0)
+    build_name, kwargs = TINY[name]
+    return build_encoder(build_name, **kwargs)
+
+
+def tiny(name: str) -> VisionEncoder:
+    """A fresh copy of the tiny encoder (built once per session: SAM and CLIP-L take seconds to initialise)."""
+    if name not in TINY:
+        pytest.fail(f"no tiny settings for encoder {name!r}; add them to TINY")
+    return copy.deepcopy(_build_once(name))
+
+
+def pixels(encoder: VisionEncoder, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, encoder.image_size, encoder.image_size, generator=g)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_full_size_attributes_on_meta(name):
+    build_name, kwargs, (size, grid, width, params) = FULL_SIZE[name]
+    with torch.device("meta"):
+        encoder = build_encoder(build_name, **kwargs)
+    assert (encoder.image_size, encoder.grid_size, encoder.embed_dim) == (size, grid, width)
+    assert encoder.num_tokens == grid[0] * grid[1]
+    assert sum(p.numel() for p in encoder.parameters()) == params
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_contract(name):
+    encoder = tiny(name).eval()
+    assert isinstance(encoder, VisionEncoder) and encoder.part == "encoder"
+    grid_h, grid_w = encoder.grid_size
+    assert grid_h == grid_w and encoder.image_size % grid_h == 0  # square input, whole patches
+    assert encoder.num_tokens == grid_h * grid_w
+    for stats in (encoder.pixel_mean, encoder.pixel_std):
+        assert len(stats) == 3 and all(isinstance(v, float) and 0.0 < v < 1.0 for v in stats)  # 0-1 scale
+    x = pixels(encoder)
+    with torch.no_grad():
+        tokens = encoder(x)
+        single = encoder(x[1:])
+    assert tokens.shape == (2, grid_h * grid_w, encoder.embed_dim)
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
+    assert tokens.std() > 0
+    torch.testing.assert_close(single[0], tokens[1], rtol=1e-4, atol=1e-5)  # images do not mix in a batch
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_wrong_image_size_is_an_error(name):
+    encoder = tiny(name)
+    side = encoder.image_size + 16
+    with pytest.raises(ValueError, match=f"takes {encoder.image_size}x{encoder.image_size} images, got {side}x{side}"):
+        encoder(torch.zeros(1, 3, side, side))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_frozen_encoder_gets_no_gradient_trained_one_gets_all(name):
+    encoder = tiny(name).train()
+    head = nn.Linear(encoder.embed_dim, 4)
+    encoder.requires_grad_(False)
+    head(encoder(pixels(encoder))).square().mean().backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+    # Trained, every parameter gets a gradient: pruned layers leave nothing unused (DDP would stop on it).
+    encoder.requires_grad_(True)
+    encoder(pixels(encoder)).square().mean().backward()
+    unused = [n for n, p in encoder.named_parameters() if p.grad is None]
+    assert not unused
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_bf16_autocast(name):
+    encoder = tiny(name).eval()
+    x = pixels(encoder)
+    with torch.no_grad():
+        reference = encoder(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = encoder(x)
+    assert tokens.shape == reference.shape and torch.isfinite(tokens).all()
+    # bf16 keeps 8 bits of mantissa: a few percent of the output's scale
+    assert (tokens.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def _forward_backward(encoder: VisionEncoder, x: torch.Tensor, upstream: torch.Tensor):
+    encoder.zero_grad(set_to_none=True)
+    linear_calls = []
+    hooks = [m.register_forward_hook(lambda *_: linear_calls.append(1)) for m in encoder.modules()
+             if isinstance(m, nn.Linear)]
+    tokens = encoder(x)
+    (tokens * upstream).sum().backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+    return tokens.detach(), grads, len(linear_calls)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_grad_checkpointing_keeps_outputs_and_gradients(name):
+    encoder = tiny(name).train()  # transformers checkpoints only in training mode; no encoder here has dropout
+    x = pixels(encoder)
+    upstream = torch.randn(2, encoder.num_tokens, encoder.embed_dim, generator=torch.Generator().manual_seed(2))
+    tokens, grads, calls = _forward_backward(encoder, x, upstream)
+    encoder.set_grad_checkpointing(True)
+    tokens_ckpt, grads_ckpt, calls_ckpt = _forward_backward(encoder, x, upstream)
+    assert calls_ckpt > calls  # the blocks really ran again in backward
+    torch.testing.assert_close(tokens_ckpt, tokens, rtol=0, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-5, msg=n)
+    encoder.set_grad_checkpointing(False)
+    assert _forward_backward(encoder, x, upstream)[2] == calls
+
+
+# ---- CLIP: parity with transformers' CLIPVisionModel ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny CLIPVisionModel saved with save_pretrained, and the unpruned reference model."""
+    torch.manual_seed(0)
+    reference = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).eval()
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    reference.save_pretrained(path)
+    return str(path), reference
+
+
+@pytest.mark.parametrize("select_layer, select_feature", [(-2, "patch"), (-1, "patch"), (-2, "cls_patch"),
+                                                          (0, "patch"), (1, "cls_patch")])
+def test_clip_matches_transformers_hidden_states(clip_dir, select_layer, select_feature):
+    path, reference = clip_dir
+    encoder = build_encoder("clip", checkpoint=path, select_layer=select_layer, select_feature=select_feature).eval()
+    assert len(encoder.model.encoder.layers) == select_layer % (TINY_CLIP["num_hidden_layers"] + 1)  # pruned
+    x = pixels(encoder)
+    with torch.no_grad():
+        expected = reference(pixel_values=x, output_hidden_states=True).hidden_states[select_layer]  # [B, 1+N, C]
+        tokens = encoder(x)
+    if select_feature == "patch":
+        expected = expected[:, 1:]
+    assert tokens.shape == (2, encoder.num_tokens, TINY_CLIP["hidden_size"])
+    assert encoder.num_tokens == 16 + (select_feature == "cls_patch")
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_loads_vision_tower_of_full_clip_and_its_normalisation(tmp_path):
+    # openai/clip-vit-large-patch14-336 is a whole CLIPModel (text tower too) with a preprocessor_config.json
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                bos_token_id=0, eos_token_id=1)
+    full = CLIPModel(CLIPConfig(vision_config=TINY_CLIP, text_config=text, projection_dim=16)).eval()
+    full.save_pretrained(tmp_path)
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    encoder = build_encoder("clip", checkpoint=str(tmp_path)).eval()
+    assert (encoder.pixel_mean, encoder.pixel_std) == (tuple(mean), tuple(std))
+    x = pixels(encoder)
+    with torch.no_grad():
+        expected = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(encoder(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_bf16_directory_loads_as_float32(tmp_path):
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).to(torch.bfloat16).save_pretrained(tmp_path)
+    encoder = build_encoder("clip", checkpoint=str(tmp_path))
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    assert encoder(pixels(encoder)).dtype == torch.float32
+
+
+def test_clip_needs_checkpoint_or_config():
+    with pytest.raises(ValueError, match="needs checkpoint=<HF CLIP directory> or config="):
+        build_encoder("clip")
+
+
+def test_clip_vit_l_rejects_another_tower(clip_dir):
+    with pytest.raises(ValueError, match="not ViT-L/14 at 336 px; use encoder 'clip'"):
+        build_encoder("clip_vit_l_336", checkpoint=clip_dir[0])
+
+
+def test_clip_mismatched_keys_are_listed(clip_dir, tmp_path):
+    path, reference = clip_dir
+    reference.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["encoder.layers.0.mlp.fc1.weight"]
+    state["encoder.layers.0.mlp.fc3.weight"] = torch.zeros(2, 2)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as err:
+        build_encoder("clip", checkpoint=str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path) in msg
+    assert "missing keys (1): encoder.layers.0.mlp.fc1.weight" in msg
+    assert "unexpected keys (1): encoder.layers.0.mlp.fc3.weight" in msg
+
+
+# ---- timm: the selected block of the unpruned model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def timm_file(tmp_path_factory):
+    """A tiny timm ViT's weights as timm saves them (classifier head included) and the unpruned model."""
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", img_size=32, **TINY_TIMM_KWARGS).eval()
+    assert reference.num_classes == 1000
+    path = tmp_path_factory.mktemp("timm") / "vit_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    return str(path), reference
+
+
+@pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
+def test_timm_select_layer_picks_that_block(timm_file, select_layer):
+    path, reference = timm_file
+    encoder = build_encoder("timm:vit_tiny_patch16_224", checkpoint=path, image_size=32, select_layer=select_layer,
+                            model_kwargs=TINY_TIMM_KWARGS).eval()
+    block = select_layer % TINY_TIMM_KWARGS["depth"]
+    assert len(encoder.model.blocks) == block + 1  # later blocks pruned
+    x = pixels(encoder)
+    with torch.no_grad():
+        (expected,) = reference.forward_intermediates(x, indices=[block], output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(encoder(x), expected, rtol=1e-5, atol=1e-6)
+        # by hand: patch embedding + CLS + position, then blocks 0..block, CLS dropped
+        h = reference.norm_pre(reference._pos_embed(reference.patch_embed(x)))
+        for blk in reference.blocks[: block + 1]:
+            h = blk(h)
+        torch.testing.assert_close(encoder(x), h[:, reference.num_prefix_tokens:], rtol=1e-5, atol=1e-6)
+
+
+def test_timm_mismatched_keys_are_listed(timm_file, tmp_path):
+    state = torch.load(timm_file[0], weights_only=True)
+    del state["blocks.0.mlp.fc1.weight"]
+    state["blocks.0.mlp.fc3.weight"] = torch.zeros(2, 2)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(ValueError) as err:
+        build_encoder("timm:vit_tiny_patch16_224", checkpoint=str(bad), image_size=32, model_kwargs=TINY_TIMM_KWARGS)
+    msg = str(err.value)
+    assert str(bad) in msg
+    assert "missing keys (1): blocks.0.mlp.fc1.weight" in msg
+    assert "unexpected keys (1): blocks.0.mlp.fc3.weight" in msg
+
+
+def test_timm_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown timm model 'vit_nonexistent'"):
+        build_encoder("timm:vit_nonexistent")
+
+
+# ---- registry errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_missing_checkpoint_names_the_path(name, tmp_path):
+    build_name, kwargs = TINY[name]
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with torch.device("meta"), pytest.raises(FileNotFoundError, match=str(missing)):
+        build_encoder(build_name, **{**kwargs, "checkpoint": str(missing)})
+
+
+def test_unknown_encoder_lists_registered_names():
+    with pytest.raises(ValueError, match="unknown encoder 'resnet50'") as err:
+        build_encoder("resnet50")
+    for name in REGISTERED:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_unknown_option_lists_valid_options(name):
+    build_name = TINY[name][0]
+    # every builder takes `checkpoint`, None = random init (the design's contract)
+    assert inspect.signature(get_builder(build_name)).parameters["checkpoint"].default is None
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['depthh'\]; valid options: \[") as err:
+        build_encoder(build_name, depthh=3)
+    for option in encoder_options(build_name):
+        assert repr(option) in str(err.value)
