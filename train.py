@@ -2,6 +2,7 @@
 
     python train.py                                   # experiments/quickstart.yaml
     python train.py experiments/X.yaml key=value ...  # any experiment, with overrides
+    python train.py experiments/X.yaml --describe     # parts, parameters and token budget; no weights
 
 config -> seed -> tokenizer -> module -> datamodule -> logger/callbacks -> trainer -> fit.
 """
@@ -100,9 +101,16 @@ def build_trainer(cfg: DictConfig, resume: str | None) -> L.Trainer:
                      use_distributed_sampler=False)
 
 
-def main(argv: list[str]) -> L.Trainer:
+def main(argv: list[str]) -> L.Trainer | None:
+    describe_only = "--describe" in argv
+    argv = [a for a in argv if a != "--describe"]
     path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_config(path, [a for a in argv if a != path])
+    if describe_only:  # parameter counts and token budget, built on the meta device in seconds
+        from lit_modules.describe import describe
+
+        print(describe(cfg))
+        return None
     L.seed_everything(cfg.seed, workers=True)
     module = build_model(cfg)
     if cfg.init_from:

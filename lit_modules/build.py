@@ -10,33 +10,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from encoders import VisionEncoder, build_encoder
+from encoders import VisionEncoder, build_encoder, build_token_reducer
 from encoders.checkpoint import key_mismatch_error, require_file
+from lit_modules.dual_perspective import DualPerspective, load_inf_llava
 from lit_modules.projector import build_projector
 from lit_modules.vlm import VisionLanguageModel
 
 
-def _token_reducer(encoder: VisionEncoder, kind: str, **kwargs) -> VisionEncoder:
-    from encoders.token_reducer import build_token_reducer
-
-    return build_token_reducer(encoder, kind, **kwargs)
-
-
 def conv_reducer(encoder: VisionEncoder, channels: list[int] = (512, 1024)) -> VisionEncoder:
     """Vary / DeepSeek-VL: two stride-2 3x3 convs, e.g. SAM's 64x64x256 -> 16x16x1024."""
-    return _token_reducer(encoder, "conv", channels=tuple(channels))
+    return build_token_reducer(encoder, "conv", channels=tuple(channels))
 
 
 def avgpool_reducer(encoder: VisionEncoder, factor: int = 4) -> VisionEncoder:
     """Average pooling by `factor` per side (width unchanged)."""
-    return _token_reducer(encoder, "avgpool", factor=factor)
+    return build_token_reducer(encoder, "avgpool", factor=factor)
 
 
 def dual_perspective(encoder: VisionEncoder, n: int = 3, mode: str = "fast", perspectives: str = "both",
                      fusion: str = "concat_ffn", combine_global: str = "mean", num_heads: int = 8) -> VisionEncoder:
     """INF-LLaVA's DCM + DEM around the encoder (input n*S px); see lit_modules/dual_perspective.py."""
-    from lit_modules.dual_perspective import DualPerspective
-
     return DualPerspective(encoder, n=n, mode=mode, perspectives=perspectives, fusion=fusion,
                            combine_global=combine_global, num_heads=num_heads)
 
@@ -85,8 +78,6 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
 def load_mm_projector(path: str, vision: VisionEncoder, projector: torch.nn.Module) -> None:
     """Load LLaVA's / INF-LLaVA's stage-1 `mm_projector.bin` (keys `[model.]mm_projector.*`, and
     `[model.]spatial_embed.*` for INF-LLaVA's DEM) into the projector and the enhancer."""
-    from lit_modules.dual_perspective import DualPerspective, load_inf_llava
-
     state = torch.load(require_file(path, "mm_projector weights"), map_location="cpu", weights_only=True)
     if isinstance(vision, DualPerspective):
         rest = load_inf_llava(vision, state)
