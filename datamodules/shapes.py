@@ -37,6 +37,7 @@ QUESTIONS = {
 TEXT_ONLY = [("How many sides does a square have?", "four"), ("How many sides does a triangle have?", "three"),
              ("What color is the sky?", "blue"), ("What color is grass?", "green"),
              ("What shape is a ball?", "circle"), ("What color is a banana?", "yellow")]
+FORMAT_VERSION = 2  # bump when rendering or records change, so old generated datasets are rebuilt
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 # ChatML, the same format as the "chatml" template in datamodules/templates.py.
 CHATML_JINJA = (
@@ -68,9 +69,11 @@ def render(rng: random.Random, image_size: int) -> tuple[Image.Image, dict]:
     draw = ImageDraw.Draw(img)
     half = image_size / 2
     for q in quadrants:
-        size = rng.uniform(0.45, 0.8) * half
-        x = (q % 2) * half + rng.uniform(0.05 * half, 0.95 * half - size)
-        y = (q // 2) * half + rng.uniform(0.05 * half, 0.95 * half - size)
+        # Large shapes near the quadrant centre: from-scratch encoders learn them in minutes on a CPU.
+        size = rng.uniform(0.6, 0.85) * half
+        slack = (half - size) / 4
+        x = (q % 2) * half + (half - size) / 2 + rng.uniform(-slack, slack)
+        y = (q // 2) * half + (half - size) / 2 + rng.uniform(-slack, slack)
         _draw(draw, shape, (x, y, x + size, y + size), COLOURS[colour])
     return img, {"colour": colour, "shape": shape, "count": count, "quadrants": quadrants}
 
@@ -111,7 +114,8 @@ def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: i
         num_train: training images (alignment captions and SFT conversations).
         num_val: held-out images, one question each.
     """
-    spec = {"seed": seed, "image_size": image_size, "num_train": num_train, "num_val": num_val}
+    spec = {"version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "num_train": num_train,
+            "num_val": num_val}
     if _is_complete(root, spec):
         return root
     # Write into a private folder and rename it into place, so concurrent ranks never see half a dataset.

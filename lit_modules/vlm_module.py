@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import lightning as L
 import torch
@@ -91,7 +90,7 @@ class VLMModule(L.LightningModule):
         out = self(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         if self._skipped:
-            self.log("data/skipped_images", float(self._skipped), reduce_fx="sum")
+            self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -153,7 +152,12 @@ class VLMModule(L.LightningModule):
             # Metrics named here show in TensorBoard's HPARAMS tab with their latest logged values.
             logger.log_hyperparams(_flatten(self.hparams.get("config", {})),
                                    {"hparams/val_exact_match": 0.0, "hparams/val_loss": float("nan")})
-        self._t0 = time.perf_counter()
+            # Records dropped when the data was checked (data.on_error=skip), by reason.
+            skipped = getattr(self.trainer.datamodule, "skipped", None)
+            if skipped:
+                logger.log_metrics({"data/skipped_records": float(sum(skipped.values()))}, step=0)
+                if tb is not None:
+                    tb.add_text("data/skipped_records", "\n".join(f"- {k}: {v}" for k, v in skipped.items()), 0)
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -113,3 +113,19 @@ def test_cli_overrides(shapes_root, tmp_path):
                                                                           "trainer.limit_val_batches=1"])
     assert trainer.global_step == 1
     assert glob.glob(str(tmp_path / "runs" / "quickstart" / "version_0" / "config.yaml"))
+
+
+def test_skipped_records_are_counted_in_tensorboard(tiny_cfg, shapes_root, tmp_path):
+    import json
+
+    records = json.load(open(os.path.join(shapes_root, "sft_train.json")))[:16]
+    records.append({"id": "broken", "image": "images/missing.png", "conversations": records[0]["conversations"]})
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    cfg = tiny_cfg("data.builtin=null", f"data.train_json={path}", f"data.image_folder={shapes_root}",
+                   f"model.tokenizer={shapes_root}/tokenizer", "data.val_fraction=0.25", "data.on_error=skip",
+                   "trainer.max_steps=1", "trainer.limit_val_batches=1")
+    trainer = fit(cfg)
+    ea = EventAccumulator(trainer.logger.log_dir)
+    ea.Reload()
+    assert [e.value for e in ea.Scalars("data/skipped_records")] == [1.0]

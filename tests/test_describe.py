@@ -1,0 +1,153 @@
+"""`describe`: full-size recipes on the meta device, counts against hand formulas and the real build."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+from config import EXPERIMENTS_DIR, load_config
+from encoders import build_encoder
+from lit_modules.describe import build_on_meta, describe
+
+# Llama-2-7B / Vicuna-7B-v1.5 shape. Every key is given: an override merges into the quickstart's inline
+# config, so e.g. its num_key_value_heads: 4 would otherwise stay.
+LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+LLAMA_7B_OVERRIDE = "model.llm.config={" + ", ".join(f"{k}: {v}" for k, v in LLAMA_7B.items()) + "}"
+
+
+def llama_params(hidden: int, intermediate: int, layers: int, vocab: int) -> int:
+    """Llama without bias, full multi-head attention, untied embeddings."""
+    attention = 4 * hidden * hidden  # q, k, v, o
+    mlp = 3 * hidden * intermediate  # gate, up, down
+    norms = 2 * hidden
+    return layers * (attention + mlp + norms) + hidden + 2 * vocab * hidden  # + final norm, embed, lm_head
+
+
+def mlp2x_gelu_params(c: int, d: int) -> int:
+    return c * d + d + d * d + d
+
+
+LLAMA_7B_PARAMS = 6_738_415_616
+CLIP_L_336_PRUNED = 290_909_184  # 23 of 24 layers, no post-layernorm (303,507,456 for the whole tower)
+SAM_VIT_B = 89_670_912
+CONV_REDUCER = 3 * 3 * 256 * 512 + 3 * 3 * 512 * 1024  # two stride-2 3x3 convs, no bias
+
+
+def counts(model) -> dict[str, int]:
+    return {part: sum(p.numel() for _, p in params) for part, params in model.parts().items()}
+
+
+def test_hand_formulas():
+    assert llama_params(4096, 11008, 32, 32000) == LLAMA_7B_PARAMS
+    assert mlp2x_gelu_params(1024, 4096) == 20_979_712
+
+
+def full_size(*overrides: str):
+    """The quickstart turned into LLaVA-1.5-7B's shapes: CLIP-L/14-336, mlp2x_gelu, Llama-7B, 2048 tokens."""
+    return load_config(None, ["model.encoder.name=clip_vit_l_336", LLAMA_7B_OVERRIDE, "data.max_length=2048",
+                              "trainable=null", *overrides])
+
+
+def test_llava15_shapes_in_seconds():
+    cfg = full_size("stage=align")
+    start = time.perf_counter()
+    text = describe(cfg)
+    assert time.perf_counter() - start < 10  # meta device: ~0.3 s here, no 7B of memory
+    model = build_on_meta(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert counts(model) == {"encoder": CLIP_L_336_PRUNED, "projector": 20_979_712, "llm": LLAMA_7B_PARAMS}
+    total = CLIP_L_336_PRUNED + 20_979_712 + LLAMA_7B_PARAMS
+    assert f"projector       20,979,712      20,979,712" in text  # align trains the projector only
+    assert f"llm          6,738,415,616               0" in text
+    assert f"total        {total:,}      20,979,712" in text
+    assert "336 x 336 px images" in text
+    assert "image tokens per image: 576 (24 x 24) of width 1024, projected to 4096" in text
+    assert "data.max_length 2048 = 576 image tokens + 1472 text tokens" in text
+    assert "vocabulary: 32,000" in text
+
+
+def test_sft_trains_projector_and_llm():
+    text = describe(full_size("stage=sft"))
+    assert f"total        7,050,304,512   {20_979_712 + LLAMA_7B_PARAMS:,}" in text
+    assert "training projector, llm (the stage's default)" in text
+
+
+def test_sam_with_conv_reducer():
+    cfg = full_size("stage=align", "model.encoder={name: sam_vit_b, checkpoint: nowhere/sam_vit_b_01ec64.pth}",
+                    "model.reducer={name: conv}")
+    assert counts(build_on_meta(cfg)) == {"encoder": SAM_VIT_B, "reducer": CONV_REDUCER,
+                                          "projector": mlp2x_gelu_params(1024, 4096), "llm": LLAMA_7B_PARAMS}
+    text = describe(cfg)
+    assert "sam_vit_b: nowhere/sam_vit_b_01ec64.pth (not on this machine)" in text
+    assert f"reducer          {CONV_REDUCER:,}       {CONV_REDUCER:,}" in text  # align trains the reducer
+    assert "1024 x 1024 px images -> TokenReducer (1024 px in, 16 x 16 x 1024 out) wrapping SamImageEncoder" in text
+    assert "data.max_length 2048 = 256 image tokens + 1792 text tokens" in text
+
+
+def test_matches_the_real_build(tiny_cfg):
+    from train import build_model
+
+    cfg = tiny_cfg()
+    module = build_model(cfg)  # the tiny tokenizer fits in the config's vocabulary: no resize
+    real = {part: (sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad))
+            for part, ps in module.model.parts().items()}
+    assert counts(build_on_meta(cfg)) == {part: total for part, (total, _) in real.items()}
+    text = describe(cfg)
+    for part, (total, trainable) in real.items():
+        assert f"{part:<10}{total:>16,}{trainable:>16,}" in text
+    vision = module.model.vision
+    budget = cfg.data.max_length - vision.num_tokens
+    assert f"= {vision.num_tokens} image tokens + {budget} text tokens" in text
+
+
+def test_llm_config_from_a_local_directory(tmp_path):
+    LlamaConfig(**{k: v for k, v in LLAMA_7B.items() if k != "model_type"}).save_pretrained(tmp_path)
+    cfg = load_config(None, ["model.encoder.name=clip_vit_l_336", "model.llm.config=null",
+                             f"model.llm.path={tmp_path}"])
+    assert counts(build_on_meta(cfg))["llm"] == LLAMA_7B_PARAMS
+    assert f"llama: {tmp_path}" in describe(cfg)  # on this machine: no "(not on this machine)"
+
+
+def test_missing_llm_config_says_how_to_pass_one(tmp_path):
+    cfg = load_config(None, ["model.llm.config=null", f"model.llm.path={tmp_path}/vicuna-7b"])
+    with pytest.raises(ValueError, match="has no config.json on this machine; pass it inline: model.llm.path=null"):
+        describe(cfg)
+    assert counts(build_on_meta(cfg, llm_config=LLAMA_7B))["llm"] == LLAMA_7B_PARAMS
+
+
+def test_clip_family_reads_its_architecture_from_the_checkpoint(tmp_path):
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                patch_size=8)
+    CLIPVisionModel(CLIPVisionConfig(**tiny)).save_pretrained(tmp_path)
+    cfg = load_config(None, [f"model.encoder={{name: clip, checkpoint: {tmp_path}}}"])
+    model = build_on_meta(cfg)
+    real = build_encoder("clip", checkpoint=str(tmp_path))
+    assert counts(model)["encoder"] == sum(p.numel() for p in real.parameters())
+    assert (model.vision.image_size, model.vision.num_tokens) == (32, 16)
+    missing = load_config(None, [f"model.encoder={{name: clip, checkpoint: {tmp_path}/nowhere}}"])
+    with pytest.raises(ValueError, match=r"takes its architecture from .*nowhere/config.json, which is not here"):
+        describe(missing)
+
+
+def experiment_files() -> list[str]:
+    import glob
+
+    files = glob.glob(os.path.join(EXPERIMENTS_DIR, "**", "*.yaml"), recursive=True)
+    return sorted(f for f in files if os.path.basename(f) != "base.yaml" and "/encoders/" not in f)
+
+
+@pytest.mark.parametrize("path", experiment_files(), ids=lambda p: os.path.relpath(p, EXPERIMENTS_DIR))
+def test_every_experiment_describes(path):
+    cfg = load_config(path)
+    local = cfg.model.llm.config is not None or os.path.exists(os.path.join(str(cfg.model.llm.path), "config.json"))
+    model = build_on_meta(cfg, None if local else LLAMA_7B)
+    text = describe(cfg, None if local else LLAMA_7B)
+    tokens = model.vision.num_tokens
+    assert text.startswith(f"{cfg.name}: stage {cfg.stage!r}")
+    assert f"data.max_length {cfg.data.max_length} = {tokens} image tokens + {cfg.data.max_length - tokens}" in text
+    assert f"{model.vision.image_size} x {model.vision.image_size} px images" in text
