@@ -13,7 +13,6 @@ one's options.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ class LLMConfig:
     dtype: Optional[str] = None  # weights dtype when loading from `path` (e.g. bfloat16); None keeps float32
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; None lets transformers pick
     grad_checkpointing: bool = False
+    lora: Optional[Dict[str, Any]] = None  # {r, alpha, dropout, target_modules}: train LoRA adapters, base frozen
+    quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
 
 
 @dataclass
@@ -164,34 +165,17 @@ def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, source)
     except OmegaConfBaseException as err:
-        raise ConfigError(_explain(err, where)) from None
+        raise ConfigError(_explain(err, where, cfg)) from None
 
 
-def _explain(err: OmegaConfBaseException, where: str) -> str:
+def _explain(err: OmegaConfBaseException, where: str, cfg: DictConfig) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
     section = key.rsplit(".", 1)[0] if "." in key else ""
-    schema = _schema_node(section)
-    if "not in" in msg and schema is not None:
-        valid = ", ".join(f.name for f in dataclasses.fields(schema))
-        return f"{where}: unknown key '{key}'; valid keys in '{section or '<top>'}': {valid}"
+    node = OmegaConf.select(cfg, section) if section else cfg
+    if "not in" in msg and isinstance(node, DictConfig):
+        return f"{where}: unknown key '{key}'; valid keys in '{section or '<top>'}': {', '.join(node.keys())}"
     return f"{where}: bad value for '{key}': {msg}"
-
-
-def _schema_node(section: str):
-    cls = ExperimentConfig
-    for part in filter(None, section.split(".")):
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        hint = str(types.get(part, ""))
-        match = [c for c in _SCHEMAS if c.__name__ in hint]
-        if not match:
-            return None
-        cls = match[0]
-    return cls
-
-
-_SCHEMAS = (LLMConfig, ModelConfig, BuiltinDataConfig, DataConfig, OptimConfig, EvalConfig, CheckpointConfig,
-            LoggingConfig)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -260,6 +244,16 @@ def validate(cfg: DictConfig) -> None:
                           "(an inline transformers config for random init)")
     if llm.config is not None and "model_type" not in llm.config:
         raise ConfigError("'model.llm.config' needs a 'model_type' (e.g. llama, qwen2)")
+    from lit_modules.lora import LORA_OPTIONS, QUANTIZATIONS
+
+    for key in llm.lora or {}:
+        if key not in LORA_OPTIONS:
+            raise ConfigError(f"unknown key 'model.llm.lora.{key}'; valid options: {', '.join(LORA_OPTIONS)}")
+    if llm.quantization is not None:
+        _choice("model.llm.quantization", llm.quantization, QUANTIZATIONS)
+        if llm.lora is None or llm.path is None:
+            raise ConfigError("'model.llm.quantization' (QLoRA) needs 'model.llm.lora' and a pretrained "
+                              "'model.llm.path'")
     data = cfg.data
     if data.builtin is None and data.train_json is None:
         raise ConfigError("set 'data.train_json' (LLaVA-format JSON) or 'data.builtin' (generated data)")
@@ -273,6 +267,12 @@ def validate(cfg: DictConfig) -> None:
         if key not in trainer_args:
             raise ConfigError(f"unknown key 'trainer.{key}' (not a lightning.Trainer argument); "
                               f"valid: {', '.join(sorted(trainer_args))}")
+    from lit_modules.strategy import check_strategy
+
+    try:
+        check_strategy(cfg.trainer.get("strategy"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _options(block: str, node: DictConfig, valid: list[str]) -> None:

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from config import load_config, save_config
 from datamodules import AlignmentDataModule, SFTDataModule, generate_shapes, load_tokenizer
-from lit_modules.build import build_vlm
+from lit_modules.build import build_vision, build_vlm
+from lit_modules.checkpoint_io import AtomicCheckpointIO
+from lit_modules.strategy import build_strategy
 from lit_modules.vlm_module import VLMModule
 
 
@@ -60,11 +62,15 @@ def build_model(cfg: DictConfig, tokenizer=None) -> VLMModule:
                      config=OmegaConf.to_container(cfg, resolve=True))
 
 
-def build_datamodule(cfg: DictConfig, module: VLMModule):
-    """The stage's DataModule, preprocessing images for `module`'s vision tower."""
-    vision, d = module.model.vision, cfg.data
+def build_datamodule(cfg: DictConfig, module: VLMModule | None = None):
+    """The stage's DataModule, preprocessing images for the vision tower (`module`'s, or one built from the config)."""
+    if module is None:
+        vision, tokenizer = build_vision(cfg.model), build_tokenizer(cfg)
+    else:
+        vision, tokenizer = module.model.vision, module.tokenizer
+    d = cfg.data
     cls = AlignmentDataModule if cfg.stage == "align" else SFTDataModule
-    return cls(module.tokenizer, image_size=vision.image_size, pixel_mean=vision.pixel_mean,
+    return cls(tokenizer, image_size=vision.image_size, pixel_mean=vision.pixel_mean,
                pixel_std=vision.pixel_std, num_image_tokens=vision.num_tokens, **data_paths(cfg),
                template=d.template, system_prompt=d.system_prompt, max_length=d.max_length,
                pad_to_square=d.pad_to_square, batch_size=d.batch_size, val_batch_size=d.val_batch_size,
@@ -80,7 +86,8 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     return max(found, key=os.path.getmtime) if found else None
 
 
-def build_trainer(cfg: DictConfig, resume: str | None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, resume: str | None, module: VLMModule | None = None) -> L.Trainer:
+    """`module` is needed for FSDP, which wraps the model's transformer blocks (lit_modules/strategy.py)."""
     # A resumed run keeps writing to its own run directory, so its curves continue in TensorBoard.
     version = cfg.logging.version or (os.path.basename(os.path.dirname(os.path.dirname(resume))) if resume else None)
     logger = TensorBoardLogger(cfg.logging.root, name=cfg.name, version=version, default_hp_metric=False)
@@ -96,9 +103,12 @@ def build_trainer(cfg: DictConfig, resume: str | None) -> L.Trainer:
                           length_fn=lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0,
                           window_size=10),
     ]
+    args = OmegaConf.to_container(cfg.trainer)
+    args["strategy"] = build_strategy(args.get("strategy"), module)
+    if "deepspeed" not in str(args["strategy"]).lower():  # DeepSpeed writes checkpoint directories itself
+        args.setdefault("plugins", []).append(AtomicCheckpointIO())  # a crash mid-save keeps the old file
     # The DataModule's sampler shards data across ranks itself (deterministic, resumable order).
-    return L.Trainer(**OmegaConf.to_container(cfg.trainer), logger=logger, callbacks=callbacks,
-                     use_distributed_sampler=False)
+    return L.Trainer(**args, logger=logger, callbacks=callbacks, use_distributed_sampler=False)
 
 
 def main(argv: list[str]) -> L.Trainer | None:
@@ -119,7 +129,7 @@ def main(argv: list[str]) -> L.Trainer | None:
         module.load_state_dict(state["state_dict"], strict=False)
     datamodule = build_datamodule(cfg, module)
     resume = resolve_resume(cfg)
-    trainer = build_trainer(cfg, resume)
+    trainer = build_trainer(cfg, resume, module)
     if trainer.is_global_zero:
         print(f"run directory: {trainer.logger.log_dir}  (tensorboard --logdir {cfg.logging.root})")
         save_config(cfg, trainer.logger.log_dir)

@@ -51,7 +51,8 @@ def build_vision(cfg: DictConfig) -> VisionEncoder:
 
 def build_llm(path: str | None = None, config: dict | None = None, dtype: str | None = None,
               attn_implementation: str | None = None, vocab_size: int | None = None,
-              grad_checkpointing: bool = False) -> PreTrainedModel:
+              grad_checkpointing: bool = False, lora: dict | None = None,
+              quantization: str | None = None) -> PreTrainedModel:
     """Any transformers causal LM, from a directory / hub id, or randomly initialised from an inline config.
 
     Args:
@@ -61,8 +62,18 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
         attn_implementation: eager | sdpa | flash_attention_2 (None: transformers' default).
         vocab_size: grow the embeddings to at least this size (tokens added for <image> / <pad>).
         grad_checkpointing: recompute decoder layers in backward.
+        lora: `{r, alpha, dropout, target_modules, modules_to_save}`: wrap with peft LoRA adapters
+            (the result is a `peft.PeftModel`; see lit_modules/lora.py).
+        quantization: "4bit" | "8bit": load the base through bitsandbytes for QLoRA (CUDA only; needs `lora`).
     """
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantization is not None:
+        from lit_modules.lora import quantization_config, quantized_device_map
+
+        if path is None or lora is None:
+            raise ValueError("quantization (QLoRA) needs a pretrained 'path' and 'lora' adapters")
+        kwargs.update(quantization_config=quantization_config(quantization, getattr(torch, dtype) if dtype else None),
+                      device_map=quantized_device_map())
     if path is not None:
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, **kwargs)
     else:
@@ -72,6 +83,11 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
         llm.resize_token_embeddings(vocab_size)
     if grad_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    llm.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps the mode it finds
+    if lora is not None:
+        from lit_modules.lora import apply_lora
+
+        llm = apply_lora(llm, **lora, quantized=quantization is not None, grad_checkpointing=grad_checkpointing)
     return llm
 
 
@@ -96,7 +112,8 @@ def build_vlm(cfg: DictConfig, tokenizer) -> VisionLanguageModel:
     vision = build_vision(cfg)
     llm_cfg = cfg.llm
     llm = build_llm(llm_cfg.path, OmegaConf.to_container(llm_cfg.config) if llm_cfg.config else None,
-                    llm_cfg.dtype, llm_cfg.attn_implementation, len(tokenizer), llm_cfg.grad_checkpointing)
+                    llm_cfg.dtype, llm_cfg.attn_implementation, len(tokenizer), llm_cfg.grad_checkpointing,
+                    OmegaConf.to_container(llm_cfg.lora) if llm_cfg.get("lora") else None, llm_cfg.get("quantization"))
     projector = build_projector(cfg.projector, vision.embed_dim, llm.config.get_text_config().hidden_size)
     if cfg.mm_projector is not None:
         load_mm_projector(cfg.mm_projector, vision, projector)

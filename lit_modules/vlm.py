@@ -30,11 +30,22 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
 
     def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Parameters by part: encoder, reducer, enhancer, projector, llm."""
+        """Parameters by part: encoder, reducer, enhancer, projector, llm (and llm_base with LoRA).
+
+        With LoRA adapters on the LLM (a peft model), "llm" holds only the adapters and "llm_base" the
+        frozen base weights, which no stage trains. Names are state-dict names: FSDP's and activation
+        checkpointing's wrapper prefixes are removed, so they match the keys of a full state dict.
+        """
         parts = {k: [("vision." + n, p) for n, p in v] for k, v in split_parts(self.vision).items()}
         parts["projector"] = [("projector." + n, p) for n, p in self.projector.named_parameters()]
-        parts["llm"] = [("llm." + n, p) for n, p in self.llm.named_parameters()]
-        return parts
+        llm = [("llm." + n, p) for n, p in self.llm.named_parameters()]
+        if getattr(self.llm, "peft_config", None) is None:
+            parts["llm"] = llm
+        else:  # peft names adapter weights `...lora_A.default.weight` (LoraModel.prefix = "lora_")
+            adapter = (self.llm.base_model.prefix, "modules_to_save.")
+            parts["llm"] = [(n, p) for n, p in llm if any(a in n for a in adapter)]
+            parts["llm_base"] = [(n, p) for n, p in llm if not any(a in n for a in adapter)]
+        return {k: [(_state_dict_name(n), p) for n, p in v] for k, v in parts.items()}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[M, 3, S, S] normalised pixels -> [M, N, D] image embeddings in the LLM's input space."""
@@ -65,10 +76,16 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored)."""
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | None = None):
+        """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
+
+        `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
+        (transformers' loss argument; VLMModule passes the global count / world size under DDP).
+        """
         embeds = self.embed(input_ids, pixel_values)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -83,3 +100,8 @@ class VisionLanguageModel(nn.Module):
             cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
             result.append(row[:cut])
         return result
+
+
+def _state_dict_name(name: str) -> str:
+    # torch.distributed.fsdp's FSDP_PREFIX and checkpoint_wrapper's _CHECKPOINT_PREFIX (private constants)
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")

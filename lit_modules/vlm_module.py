@@ -80,15 +80,27 @@ class VLMModule(L.LightningModule):
         return parts
 
     # ---- steps ---------------------------------------------------------------------------------
-    def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+    def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None):
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"],
+                          num_items_in_batch)
+
+    def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Label tokens of the global batch / world size (None in one process). Each rank's loss is then
+        its token-loss sum / this, so DDP's mean of the ranks' gradients is the gradient of the global
+        batch's token mean, as in one process; a plain per-rank mean weights ranks with fewer answer
+        tokens up (transformers' Trainer fixes it the same way: `average_tokens_across_devices`)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        n = (labels[:, 1:] != -100).sum().float()  # the causal LM loss scores labels shifted by one
+        return self.trainer.strategy.reduce(n, reduce_op="sum") / self.trainer.world_size
 
     def training_step(self, batch: dict, batch_idx: int):
         self._skipped += batch.get("num_skipped", 0)
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped
-        out = self(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        out = self(batch, self._label_tokens_per_rank(batch["labels"]))
+        # sync_dist: under DDP the curve is the mean over ranks (the global batch), not rank 0's share.
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         if self._skipped:
             self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
         return out.loss
@@ -182,6 +194,12 @@ class VLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen weights come back from their own source (the LLM directory, the encoder checkpoint),
         # so a stage-1 checkpoint holds the projector and enhancer, not 8B frozen LLM weights.
+        # A sharded FSDP checkpoint keeps them: Lightning loads it into the model's full state-dict layout,
+        # and torch.distributed.checkpoint fails on missing keys. (DeepSpeed drops "state_dict" and saves
+        # the module itself, without frozen weights: `exclude_frozen_parameters`, lit_modules/strategy.py.)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "_state_dict_type", None) == "sharded":  # FSDPStrategy's setting (private name)
+            return
         frozen = {n for params in self.model.parts().values() for n, p in params if not p.requires_grad}
         state = checkpoint["state_dict"]
         dropped = [k for k in state if k.startswith("model.") and k[len("model."):] in frozen]
@@ -190,6 +208,8 @@ class VLMModule(L.LightningModule):
         checkpoint["frozen_keys"] = dropped
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint:  # FSDP / DeepSpeed restored the weights themselves
+            return
         expected = set(self.state_dict())
         missing = expected - set(checkpoint["state_dict"]) - set(checkpoint.get("frozen_keys", []))
         unexpected = set(checkpoint["state_dict"]) - expected

@@ -20,7 +20,7 @@ def test_quickstart_fits_and_checkpoints_keep_the_dem(tiny_cfg, tmp_path):
     module = build_model(cfg)
     vision = module.model.vision
     assert isinstance(vision, DualPerspective) and vision.image_size == 3 * 32
-    dm = build_datamodule(cfg, module)
+    dm = build_datamodule(cfg)  # builds its own vision tower to read the input size
     dm.setup()
     assert next(iter(dm.val_dataloader()))["pixel_values"].shape[-1] == 96  # n*S in evaluation too
     before = {n: p.detach().clone() for n, p in vision.dem.named_parameters()}

@@ -1,0 +1,74 @@
+"""Fold a LoRA run's adapters into plain weights.
+
+    python -m lit_modules.merge_lora runs/X/version_0/checkpoints/last.ckpt merged/X
+
+A LoRA checkpoint holds the adapters, projector and enhancer (and whatever else trained), not the
+frozen base LLM: that comes back from `model.llm.path`. Here the run's model is rebuilt from the
+config stored in the checkpoint, the checkpoint is loaded, peft's `merge_and_unload` folds
+W + (alpha / r) * B A into each adapted weight, and `<out>` receives:
+
+    llm/          the merged LLM and the tokenizer (transformers `save_pretrained` layout)
+    model.ckpt    the whole VLM's state dict without LoRA, loadable into a model built without `lora`
+                  (also as `init_from=<out>/model.ckpt`)
+    config.yaml   the run's config with `model.llm.lora` / `quantization` removed and
+                  `model.llm.path` -> `<out>/llm`: `python train.py <out>/config.yaml` builds the merged model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from lit_modules.lora import is_lora
+
+
+def load_run(checkpoint: str):
+    """The run's VLMModule (built from the config in `checkpoint`) with the checkpoint's weights loaded."""
+    from train import build_model
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = OmegaConf.create(state["hyper_parameters"]["config"])
+    module = build_model(cfg)
+    module.on_load_checkpoint(state)  # checks the keys
+    module.load_state_dict(state["state_dict"], strict=False)
+    return module, cfg, state
+
+
+def merge_lora(checkpoint: str, out_dir: str) -> str:
+    """Write the merged model to `out_dir` (see the module docstring); returns the path of model.ckpt."""
+    module, cfg, state = load_run(checkpoint)
+    llm = module.model.llm
+    if not is_lora(llm):
+        raise ValueError(f"{checkpoint}: the run has no LoRA adapters (model.llm.lora is not set)")
+    if cfg.model.llm.path is None and any(k.startswith("model.llm.") for k in state.get("frozen_keys", [])):
+        raise ValueError(f"{checkpoint}: the base LLM was randomly initialised (model.llm.config) and, being "
+                         "frozen, is not in the checkpoint; there is nothing to merge the adapters into")
+    if cfg.model.llm.quantization is not None:
+        raise ValueError("merging into a 4 / 8-bit base loses precision; rebuild the run with "
+                         "quantization=null (same adapters, bf16 / fp32 base) and merge that")
+    module.model.llm = llm.merge_and_unload()
+    llm_dir = os.path.join(out_dir, "llm")
+    module.model.llm.save_pretrained(llm_dir)
+    module.tokenizer.save_pretrained(llm_dir)
+    cfg.model.llm.lora = None
+    cfg.model.llm.path = os.path.abspath(llm_dir)
+    cfg.model.llm.config = None
+    cfg.model.llm.dtype = None  # saved as the dtype it was trained in
+    if cfg.model.tokenizer is None:
+        cfg.model.tokenizer = os.path.abspath(llm_dir)
+    OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    path = os.path.join(out_dir, "model.ckpt")
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}},
+               path)
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a LoRA run's checkpoint (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("out_dir", help="directory for llm/, model.ckpt and config.yaml")
+    args = parser.parse_args()
+    print(f"merged model: {merge_lora(args.checkpoint, args.out_dir)}")
