@@ -78,9 +78,11 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
                  f"(one image per sample)" + ("  <- no room for text" if budget <= 0 else ""))
     positions = getattr(text, "max_position_embeddings", None)
     if positions is not None:
-        heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        heads = text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
         lines.append(f"LLM: {text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
-                     f"{heads} heads ({kv} key/value), {positions} positions" + ("  <- shorter than data.max_length" if positions < max_length else ""))
+                     f"{heads} heads ({kv} key/value), {positions} positions"
+                     + ("  <- shorter than data.max_length" if positions < max_length else ""))
     lines.append(f"vocabulary: {text.vocab_size:,} (the LLM config's; tokens the tokenizer adds, such as "
                  f"{m.image_token}, grow it)")
     return "\n".join(lines)
@@ -119,9 +121,11 @@ def _llm_config(llm: DictConfig, override: dict | None) -> PretrainedConfig:
         return AutoConfig.from_pretrained(llm.path, local_files_only=True)
     except (OSError, ValueError):
         raise ValueError(
-            f"describe needs the LLM's architecture, but {llm.path!r} has no config.json on this machine; pass it "
-            f"inline: model.llm.path=null 'model.llm.config={{model_type: llama, hidden_size: 4096, "
-            f"intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, vocab_size: 32000}}'"
+            f"describe needs the LLM's architecture, but {llm.path!r} has no config.json on this machine. Copy "
+            f"the model's config.json (not its weights) there, or pass it inline, e.g. for Vicuna-7B: "
+            f"model.llm.path=null model.tokenizer=none 'model.llm.config={{model_type: llama, hidden_size: 4096, "
+            f"intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 32, "
+            f"vocab_size: 32000, max_position_embeddings: 4096}}' (the tokenizer is not read)"
         ) from None
 
 
@@ -144,7 +148,7 @@ def _sources(cfg: DictConfig, text: PretrainedConfig) -> dict[str, str]:
 
 
 def _vision_chain(vision: VisionEncoder) -> str:
-    """Outermost wrapper first: `1008 px -> dual_perspective -> clip (336 px, 24 x 24 x 1024) -> ...`."""
+    """Outermost wrapper first, e.g. `1008 x 1008 px images -> DualPerspective (...) wrapping CLIPEncoder (...)`."""
     chain, module = [], vision
     while module is not None:
         chain.append(f"{type(module).__name__} ({module.image_size} px in, {module.grid_size[0]} x "

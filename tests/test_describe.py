@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
-import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from config import EXPERIMENTS_DIR, load_config
@@ -62,8 +62,8 @@ def test_llava15_shapes_in_seconds():
     assert all(p.is_meta for p in model.parameters())
     assert counts(model) == {"encoder": CLIP_L_336_PRUNED, "projector": 20_979_712, "llm": LLAMA_7B_PARAMS}
     total = CLIP_L_336_PRUNED + 20_979_712 + LLAMA_7B_PARAMS
-    assert f"projector       20,979,712      20,979,712" in text  # align trains the projector only
-    assert f"llm          6,738,415,616               0" in text
+    assert "projector       20,979,712      20,979,712" in text  # align trains the projector only
+    assert "llm          6,738,415,616               0" in text
     assert f"total        {total:,}      20,979,712" in text
     assert "336 x 336 px images" in text
     assert "image tokens per image: 576 (24 x 24) of width 1024, projected to 4096" in text
@@ -114,10 +114,14 @@ def test_llm_config_from_a_local_directory(tmp_path):
 
 
 def test_missing_llm_config_says_how_to_pass_one(tmp_path):
-    cfg = load_config(None, ["model.llm.config=null", f"model.llm.path={tmp_path}/vicuna-7b"])
-    with pytest.raises(ValueError, match="has no config.json on this machine; pass it inline: model.llm.path=null"):
-        describe(cfg)
-    assert counts(build_on_meta(cfg, llm_config=LLAMA_7B))["llm"] == LLAMA_7B_PARAMS
+    where = [f"model.llm.path={tmp_path}/vicuna-7b", "model.llm.config=null"]
+    with pytest.raises(ValueError, match="has no config.json on this machine. Copy the model's config.json") as err:
+        describe(load_config(None, where))
+    # the overrides the message suggests work, and give Vicuna-7B's shape
+    suggested = re.search(r"(model.llm.path=null) (model.tokenizer=none) '(model.llm.config=\{.*\})'", str(err.value))
+    cfg = load_config(None, where + list(suggested.groups()))
+    assert counts(build_on_meta(cfg))["llm"] == LLAMA_7B_PARAMS
+    assert counts(build_on_meta(load_config(None, where), llm_config=LLAMA_7B))["llm"] == LLAMA_7B_PARAMS
 
 
 def test_clip_family_reads_its_architecture_from_the_checkpoint(tmp_path):
