@@ -6,9 +6,9 @@ config is checked against the schema below before anything is built: an unknown 
 an unknown encoder / enhancer / reducer / projector name or builder option, or an unknown
 `lightning.Trainer` argument fails at once, naming the key and the valid choices.
 
-Encoder, reducer and enhancer blocks are taken whole, not merged, when a later source names a
-different `name`: `model.encoder.name=clip_vit_l_336` swaps the encoder without inheriting the old
-one's options.
+Encoder, reducer and enhancer blocks (and `model.llm.config`) are taken whole, not merged, when a
+later source sets their `name` (`model_type`): `model.encoder.name=clip_vit_l_336` swaps the encoder
+without inheriting the old one's options.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ PARTS = ("encoder", "reducer", "enhancer", "projector", "llm")
 PROJECTORS = ("linear", "mlp2x_gelu")
 TEMPLATES = ("plain", "llama3", "vicuna_v1", "chatml", "chat_template")
 # Blocks replaced whole when a later source names another `name`.
-NAMED_BLOCKS = ("model.encoder", "model.reducer", "model.enhancer")
+# Blocks that name what they build, and the key that names it: a source that sets that key replaces the
+# whole block instead of merging into it, so no option of the previous encoder / LLM shape leaks in.
+NAMED_BLOCKS = {"model.encoder": "name", "model.reducer": "name", "model.enhancer": "name",
+                "model.llm.config": "model_type"}
 
 
 class ConfigError(ValueError):
@@ -157,10 +160,9 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictCo
 
 
 def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
-    for block in NAMED_BLOCKS:
+    for block, key in NAMED_BLOCKS.items():
         new = OmegaConf.select(source, block, default=None)
-        old = OmegaConf.select(cfg, block, default=None)
-        if isinstance(new, DictConfig) and "name" in new and (old is None or old.get("name") != new.name):
+        if isinstance(new, DictConfig) and key in new:
             OmegaConf.update(cfg, block, OmegaConf.to_container(new), merge=False)
     try:
         return OmegaConf.merge(cfg, source)
@@ -259,8 +261,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("set 'data.train_json' (LLaVA-format JSON) or 'data.builtin' (generated data)")
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
-    if cfg.model.tokenizer is None and llm.path is None and data.builtin is None:
-        raise ConfigError("'model.tokenizer' is required when the LLM is built from an inline config")
 
     trainer_args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
     for key in cfg.trainer:

@@ -43,8 +43,10 @@ def data_paths(cfg: DictConfig) -> dict:
 
 def build_tokenizer(cfg: DictConfig):
     path = cfg.model.tokenizer or cfg.model.llm.path
-    if path is None:  # built-in data ships its own tokenizer
+    if path is None and cfg.data.builtin is not None:  # built-in data ships its own tokenizer
         path = os.path.join(os.path.dirname(data_paths(cfg)["train_json"]), "tokenizer")
+    if path is None:
+        raise ValueError("set 'model.tokenizer' (a tokenizer directory): the LLM comes from an inline config")
     return load_tokenizer(path, cfg.model.image_token)
 
 

@@ -82,7 +82,7 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
     if vocab_size is not None and vocab_size > llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(vocab_size)
     if grad_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.activation_checkpointing_enable({"use_reentrant": False})
     llm.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps the mode it finds
     if lora is not None:
         from lit_modules.lora import apply_lora

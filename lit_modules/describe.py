@@ -123,9 +123,9 @@ def _llm_config(llm: DictConfig, override: dict | None) -> PretrainedConfig:
         raise ValueError(
             f"describe needs the LLM's architecture, but {llm.path!r} has no config.json on this machine. Copy "
             f"the model's config.json (not its weights) there, or pass it inline, e.g. for Vicuna-7B: "
-            f"model.llm.path=null model.tokenizer=none 'model.llm.config={{model_type: llama, hidden_size: 4096, "
+            f"model.llm.path=null 'model.llm.config={{model_type: llama, hidden_size: 4096, "
             f"intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 32, "
-            f"vocab_size: 32000, max_position_embeddings: 4096}}' (the tokenizer is not read)"
+            f"vocab_size: 32000, max_position_embeddings: 4096}}'"
         ) from None
 
 

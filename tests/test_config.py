@@ -42,8 +42,10 @@ def test_encoder_swap_replaces_the_block(tmp_path):
     exp = write(tmp_path, "base.yaml", BASE)
     cfg = load_config(exp, ["model.encoder.name=sam_vit_b"])
     assert dict(cfg.model.encoder) == {"name": "sam_vit_b"}  # image_size of the timm encoder is not inherited
-    cfg = load_config(exp, ["model.encoder.image_size=96"])  # same name: merged
+    cfg = load_config(exp, ["model.encoder.image_size=96"])  # no name: merged
     assert dict(cfg.model.encoder) == {"name": "timm:vit_tiny_patch16_224", "image_size": 96}
+    cfg = load_config(exp, ["model.llm.config={model_type: qwen2, num_hidden_layers: 2}"])  # a new LLM shape
+    assert dict(cfg.model.llm.config) == {"model_type": "qwen2", "num_hidden_layers": 2}
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -118,7 +118,7 @@ def test_missing_llm_config_says_how_to_pass_one(tmp_path):
     with pytest.raises(ValueError, match="has no config.json on this machine. Copy the model's config.json") as err:
         describe(load_config(None, where))
     # the overrides the message suggests work, and give Vicuna-7B's shape
-    suggested = re.search(r"(model.llm.path=null) (model.tokenizer=none) '(model.llm.config=\{.*\})'", str(err.value))
+    suggested = re.search(r"(model.llm.path=null) '(model.llm.config=\{.*\})'", str(err.value))
     cfg = load_config(None, where + list(suggested.groups()))
     assert counts(build_on_meta(cfg))["llm"] == LLAMA_7B_PARAMS
     assert counts(build_on_meta(load_config(None, where), llm_config=LLAMA_7B))["llm"] == LLAMA_7B_PARAMS
