@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections import Counter
 
 import lightning as L
@@ -22,6 +23,10 @@ from datamodules.sampler import GroupedSampler
 from datamodules.templates import encode, stop_token_ids
 
 log = logging.getLogger(__name__)
+
+# Mid-epoch resume is exact here: the DataModule's state_dict carries the epoch position to the sampler
+# (`GroupedSampler.skip`), which Lightning's check for resumable *DataLoaders* does not look at.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
