@@ -31,8 +31,12 @@ TEMPLATES = ("plain", "llama3", "vicuna_v1", "chatml", "chat_template")
 # Blocks replaced whole when a later source names another `name`.
 # Blocks that name what they build, and the key that names it: a source that sets that key replaces the
 # whole block instead of merging into it, so no option of the previous encoder / LLM shape leaks in.
-NAMED_BLOCKS = {"model.encoder": "name", "model.reducer": "name", "model.enhancer": "name",
-                "model.llm.config": "model_type"}
+NAMED_BLOCKS = {
+    "model.encoder": "name",
+    "model.reducer": "name",
+    "model.enhancer": "name",
+    "model.llm.config": "model_type",
+}
 
 
 class ConfigError(ValueError):
@@ -242,8 +246,10 @@ def validate(cfg: DictConfig) -> None:
 
     llm = cfg.model.llm
     if (llm.path is None) == (llm.config is None):
-        raise ConfigError("set exactly one of 'model.llm.path' (a model directory) and 'model.llm.config' "
-                          "(an inline transformers config for random init)")
+        raise ConfigError(
+            "set exactly one of 'model.llm.path' (a model directory) and 'model.llm.config' "
+            "(an inline transformers config for random init)"
+        )
     if llm.config is not None and "model_type" not in llm.config:
         raise ConfigError("'model.llm.config' needs a 'model_type' (e.g. llama, qwen2)")
     from lit_modules.lora import LORA_OPTIONS, QUANTIZATIONS
@@ -254,8 +260,9 @@ def validate(cfg: DictConfig) -> None:
     if llm.quantization is not None:
         _choice("model.llm.quantization", llm.quantization, QUANTIZATIONS)
         if llm.lora is None or llm.path is None:
-            raise ConfigError("'model.llm.quantization' (QLoRA) needs 'model.llm.lora' and a pretrained "
-                              "'model.llm.path'")
+            raise ConfigError(
+                "'model.llm.quantization' (QLoRA) needs 'model.llm.lora' and a pretrained 'model.llm.path'"
+            )
     data = cfg.data
     if data.builtin is None and data.train_json is None:
         raise ConfigError("set 'data.train_json' (LLaVA-format JSON) or 'data.builtin' (generated data)")
@@ -265,8 +272,10 @@ def validate(cfg: DictConfig) -> None:
     trainer_args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
     for key in cfg.trainer:
         if key not in trainer_args:
-            raise ConfigError(f"unknown key 'trainer.{key}' (not a lightning.Trainer argument); "
-                              f"valid: {', '.join(sorted(trainer_args))}")
+            raise ConfigError(
+                f"unknown key 'trainer.{key}' (not a lightning.Trainer argument); "
+                f"valid: {', '.join(sorted(trainer_args))}"
+            )
     from lit_modules.strategy import check_strategy
 
     try:
@@ -278,8 +287,10 @@ def validate(cfg: DictConfig) -> None:
 def _options(block: str, node: DictConfig, valid: list[str]) -> None:
     for key in node:
         if key != "name" and key not in valid:
-            raise ConfigError(f"unknown key '{block}.{key}' for {block.split('.')[-1]} {node.name!r}; "
-                              f"valid options: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown key '{block}.{key}' for {block.split('.')[-1]} {node.name!r}; "
+                f"valid options: {', '.join(valid)}"
+            )
 
 
 def save_config(cfg: DictConfig, run_dir: str) -> str:

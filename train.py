@@ -31,14 +31,26 @@ def data_paths(cfg: DictConfig) -> dict:
     """train_json / val_json / image_folder / val_fraction, generating the built-in dataset if asked."""
     d = cfg.data
     if d.builtin is None:
-        return {"train_json": d.train_json, "val_json": d.val_json, "image_folder": d.image_folder,
-                "val_fraction": d.val_fraction}
+        return {
+            "train_json": d.train_json,
+            "val_json": d.val_json,
+            "image_folder": d.image_folder,
+            "val_fraction": d.val_fraction,
+        }
     root = generate_shapes(**OmegaConf.to_container(d.builtin))
     if cfg.stage == "align":
-        return {"train_json": f"{root}/align.json", "val_json": None, "image_folder": root,
-                "val_fraction": d.val_fraction or 0.05}
-    return {"train_json": f"{root}/sft_train.json", "val_json": f"{root}/sft_val.json", "image_folder": root,
-            "val_fraction": 0.0}
+        return {
+            "train_json": f"{root}/align.json",
+            "val_json": None,
+            "image_folder": root,
+            "val_fraction": d.val_fraction or 0.05,
+        }
+    return {
+        "train_json": f"{root}/sft_train.json",
+        "val_json": f"{root}/sft_val.json",
+        "image_folder": root,
+        "val_fraction": 0.0,
+    }
 
 
 def build_tokenizer(cfg: DictConfig):
@@ -56,12 +68,23 @@ def build_model(cfg: DictConfig, tokenizer=None) -> VLMModule:
     from datamodules.templates import stop_token_ids
 
     o = cfg.optim
-    return VLMModule(build_vlm(cfg.model, tokenizer), tokenizer, stage=cfg.stage, trainable=cfg.trainable,
-                     lr=o.lr, lr_per_part=dict(o.lr_per_part), weight_decay=o.weight_decay, betas=tuple(o.betas),
-                     warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
-                     stop_ids=stop_token_ids(tokenizer, template), max_new_tokens=cfg.eval.max_new_tokens,
-                     num_logged_samples=cfg.eval.num_logged_samples, max_generate_batches=cfg.eval.max_generate_batches,
-                     config=OmegaConf.to_container(cfg, resolve=True))
+    return VLMModule(
+        build_vlm(cfg.model, tokenizer),
+        tokenizer,
+        stage=cfg.stage,
+        trainable=cfg.trainable,
+        lr=o.lr,
+        lr_per_part=dict(o.lr_per_part),
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        warmup_ratio=o.warmup_ratio,
+        min_lr_ratio=o.min_lr_ratio,
+        stop_ids=stop_token_ids(tokenizer, template),
+        max_new_tokens=cfg.eval.max_new_tokens,
+        num_logged_samples=cfg.eval.num_logged_samples,
+        max_generate_batches=cfg.eval.max_generate_batches,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def build_datamodule(cfg: DictConfig, module: VLMModule | None = None):
@@ -72,12 +95,25 @@ def build_datamodule(cfg: DictConfig, module: VLMModule | None = None):
         vision, tokenizer = module.model.vision, module.tokenizer
     d = cfg.data
     cls = AlignmentDataModule if cfg.stage == "align" else SFTDataModule
-    return cls(tokenizer, image_size=vision.image_size, pixel_mean=vision.pixel_mean,
-               pixel_std=vision.pixel_std, num_image_tokens=vision.num_tokens, **data_paths(cfg),
-               template=d.template, system_prompt=d.system_prompt, max_length=d.max_length,
-               pad_to_square=d.pad_to_square, batch_size=d.batch_size, val_batch_size=d.val_batch_size,
-               num_workers=d.num_workers, group_by_length=d.group_by_length, on_error=d.on_error, seed=cfg.seed,
-               image_token=cfg.model.image_token)
+    return cls(
+        tokenizer,
+        image_size=vision.image_size,
+        pixel_mean=vision.pixel_mean,
+        pixel_std=vision.pixel_std,
+        num_image_tokens=vision.num_tokens,
+        **data_paths(cfg),
+        template=d.template,
+        system_prompt=d.system_prompt,
+        max_length=d.max_length,
+        pad_to_square=d.pad_to_square,
+        batch_size=d.batch_size,
+        val_batch_size=d.val_batch_size,
+        num_workers=d.num_workers,
+        group_by_length=d.group_by_length,
+        on_error=d.on_error,
+        seed=cfg.seed,
+        image_token=cfg.model.image_token,
+    )
 
 
 def resolve_resume(cfg: DictConfig) -> str | None:
@@ -97,13 +133,16 @@ def build_trainer(cfg: DictConfig, resume: str | None, module: VLMModule | None 
     callbacks = [
         # last.ckpt on a step schedule (and each epoch end) for resuming; best-*.ckpt when validation improves.
         ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, every_n_train_steps=ck.every_n_train_steps),
-        ModelCheckpoint(dirpath=ckpt_dir, monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k,
-                        filename="best-{step}"),
+        ModelCheckpoint(
+            dirpath=ckpt_dir, monitor=ck.monitor, mode=ck.mode, save_top_k=ck.save_top_k, filename="best-{step}"
+        ),
         LearningRateMonitor(logging_interval="step"),
         # samples/s and tokens/s ("items" = non-padding tokens, image tokens included)
-        ThroughputMonitor(batch_size_fn=lambda b: len(b.get("ids", [])),
-                          length_fn=lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0,
-                          window_size=10),
+        ThroughputMonitor(
+            batch_size_fn=lambda b: len(b.get("ids", [])),
+            length_fn=lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0,
+            window_size=10,
+        ),
     ]
     args = OmegaConf.to_container(cfg.trainer)
     args["strategy"] = build_strategy(args.get("strategy"), module)

@@ -35,8 +35,12 @@ MiB = 2**20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("encoders", nargs="*", default=DEFAULT_ENCODERS,
-                        help="registry names, each optionally with ,key=value builder options")
+    parser.add_argument(
+        "encoders",
+        nargs="*",
+        default=DEFAULT_ENCODERS,
+        help="registry names, each optionally with ,key=value builder options",
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -127,18 +131,37 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
             del tokens
     peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
     return {
-        "encoder": spec, "image_size": encoder.image_size, "tokens": encoder.num_tokens, "width": encoder.embed_dim,
-        "params": params, "weights_bytes": params * torch.finfo(dtype).bits // 8,
-        "forward_bytes": max(0, peak - before), "seconds_per_image": statistics.median(times) / args.batch_size,
-        "threads": torch.get_num_threads(), "exact_memory": cuda or exact,
+        "encoder": spec,
+        "image_size": encoder.image_size,
+        "tokens": encoder.num_tokens,
+        "width": encoder.embed_dim,
+        "params": params,
+        "weights_bytes": params * torch.finfo(dtype).bits // 8,
+        "forward_bytes": max(0, peak - before),
+        "seconds_per_image": statistics.median(times) / args.batch_size,
+        "threads": torch.get_num_threads(),
+        "exact_memory": cuda or exact,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
     }
 
 
 def run_worker(spec: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), spec, "--worker", "--batch-size", str(args.batch_size),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device,
-           "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        spec,
+        "--worker",
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"encoder": spec, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -147,17 +170,25 @@ def run_worker(spec: str, args: argparse.Namespace) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     w = max([len("encoder")] + [len(r["encoder"]) for r in rows])
-    header = f"{'encoder':<{w}} {'px':>5} {'tokens':>6} {'width':>5} {'params':>7} {'weights':>7} {'s/img':>8} {'forward':>7}"
-    lines = [header, f"{'':<{w}} {'':>5} {'':>6} {'':>5} {'(M)':>7} {'(MiB)':>7} {'(median)':>8} {'(MiB)':>7}",
-             "-" * len(header)]
+    header = (
+        f"{'encoder':<{w}} {'px':>5} {'tokens':>6} {'width':>5} {'params':>7} {'weights':>7} {'s/img':>8} "
+        f"{'forward':>7}"
+    )
+    lines = [
+        header,
+        f"{'':<{w}} {'':>5} {'':>6} {'':>5} {'(M)':>7} {'(MiB)':>7} {'(median)':>8} {'(MiB)':>7}",
+        "-" * len(header),
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['encoder']:<{w}} failed: {r['error']}")
             continue
         mem = f"{r['forward_bytes'] / MiB:,.0f}" + ("" if r["exact_memory"] else "*")
-        lines.append(f"{r['encoder']:<{w}} {r['image_size']:>5} {r['tokens']:>6} {r['width']:>5} "
-                     f"{r['params'] / 1e6:>7.1f} {r['weights_bytes'] / MiB:>7,.0f} {r['seconds_per_image']:>8.3f} "
-                     f"{mem:>7}")
+        lines.append(
+            f"{r['encoder']:<{w}} {r['image_size']:>5} {r['tokens']:>6} {r['width']:>5} "
+            f"{r['params'] / 1e6:>7.1f} {r['weights_bytes'] / MiB:>7,.0f} {r['seconds_per_image']:>8.3f} "
+            f"{mem:>7}"
+        )
     if any("error" not in r and not r["exact_memory"] for r in rows):
         lines.append("* peak RSS could not be reset; ru_maxrss delta, a lower bound")
     return "\n".join(lines)
@@ -175,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     done = [r for r in rows if "error" not in r]
     where = done[0]["device_name"] if done else args.device
     threads = f", {done[0]['threads']} threads" if done and args.device == "cpu" else ""
-    print(f"random init, {where}{threads}, {args.dtype}, batch {args.batch_size}, torch.no_grad(), "
-          f"median of {args.repeats} after {args.warmup} warmup; forward = peak memory added by the forward")
+    print(
+        f"random init, {where}{threads}, {args.dtype}, batch {args.batch_size}, torch.no_grad(), "
+        f"median of {args.repeats} after {args.warmup} warmup; forward = peak memory added by the forward"
+    )
     print(format_table(rows))
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.templates import IGNORE_INDEX, Encoded, TemplateError, encode
+from datamodules.templates import IGNORE_INDEX, Encoded, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,16 @@ def load_records(json_path: str) -> list[dict]:
     return records
 
 
-def check_records(records: list[dict], json_path: str, image_folder: str | None, encode_fn: Callable[[dict], Encoded],
-                  num_image_tokens: int, max_length: int, image_token: str, on_error: str) -> CheckedRecords:
+def check_records(
+    records: list[dict],
+    json_path: str,
+    image_folder: str | None,
+    encode_fn: Callable[[dict], Encoded],
+    num_image_tokens: int,
+    max_length: int,
+    image_token: str,
+    on_error: str,
+) -> CheckedRecords:
     """Check every record up front; raise on the first bad one, or skip and count (on_error="skip")."""
     out = CheckedRecords([])
     for index, rec in enumerate(records):
@@ -86,8 +94,10 @@ def _check(rec, image_folder, encode_fn, num_image_tokens, max_length, image_tok
     placeholders = sum(str(t.get("value", "")).count(image_token) for t in turns if isinstance(t, dict))
     has_image = rec.get("image") is not None
     if placeholders != int(has_image):
-        raise DataError(f"placeholder count mismatch: {placeholders} {image_token} in the text, "
-                        f"{int(has_image)} image(s) in the record")
+        raise DataError(
+            f"placeholder count mismatch: {placeholders} {image_token} in the text, "
+            f"{int(has_image)} image(s) in the record"
+        )
     if has_image:
         if image_folder is None:
             raise DataError("record has an image but data.image_folder is not set")
@@ -99,8 +109,10 @@ def _check(rec, image_folder, encode_fn, num_image_tokens, max_length, image_tok
     enc = encode_fn(rec)
     length = len(enc.input_ids) + (num_image_tokens - 1) * int(has_image)
     if length > max_length:
-        raise DataError(f"too long: {length} tokens (with {num_image_tokens * has_image} image tokens) > "
-                        f"max_length {max_length}; raise data.max_length or skip it (data.on_error=skip)")
+        raise DataError(
+            f"too long: {length} tokens (with {num_image_tokens * has_image} image tokens) > "
+            f"max_length {max_length}; raise data.max_length or skip it (data.on_error=skip)"
+        )
     if all(label == IGNORE_INDEX for label in enc.labels):
         raise DataError("no answer tokens to learn")
     return length, has_image
@@ -120,9 +132,17 @@ class LLaVADataset(Dataset):
         on_error: "raise" or "skip" for images that cannot be read.
     """
 
-    def __init__(self, samples: list[Sample], json_path: str, image_folder: str | None,
-                 encode_fn: Callable[[dict], Encoded], image_transform: Callable, image_token_id: int,
-                 num_image_tokens: int, on_error: str = "raise") -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        json_path: str,
+        image_folder: str | None,
+        encode_fn: Callable[[dict], Encoded],
+        image_transform: Callable,
+        image_token_id: int,
+        num_image_tokens: int,
+        on_error: str = "raise",
+    ) -> None:
         self.samples = samples
         self.json_path = json_path
         self.image_folder = image_folder
@@ -155,14 +175,23 @@ class LLaVADataset(Dataset):
                     pixels = self.image_transform(img.convert("RGB"))  # [3, S, S]
             except (OSError, ValueError) as err:
                 if self.on_error == "raise":
-                    raise DataError(f"{self.json_path}: record {rec.get('id')!r}: unreadable image {path}: {err}") from None
+                    raise DataError(
+                        f"{self.json_path}: record {rec.get('id')!r}: unreadable image {path}: {err}"
+                    ) from None
                 log.warning("skipping %s record %r: unreadable image %s: %s", self.json_path, rec.get("id"), path, err)
                 return None
         enc = self.encode_fn(rec)
         ids, labels = self._expand(enc.input_ids, enc.labels)
         prompt, _ = self._expand(enc.prompt_ids)
-        return {"id": str(rec.get("id", sample.index)), "input_ids": ids, "labels": labels, "prompt_ids": prompt,
-                "answer": enc.answer, "question": _last_question(rec), "pixel_values": pixels}
+        return {
+            "id": str(rec.get("id", sample.index)),
+            "input_ids": ids,
+            "labels": labels,
+            "prompt_ids": prompt,
+            "answer": enc.answer,
+            "question": _last_question(rec),
+            "pixel_values": pixels,
+        }
 
 
 def _last_question(rec: dict) -> str:
@@ -189,13 +218,19 @@ def collate(items: list[dict | None], pad_id: int) -> dict:
         ids[b, :n] = torch.tensor(x["input_ids"])
         labels[b, :n] = torch.tensor(x["labels"])
         mask[b, :n] = 1
-        prompt[b, P - p:] = torch.tensor(x["prompt_ids"])
-        prompt_mask[b, P - p:] = 1
+        prompt[b, P - p :] = torch.tensor(x["prompt_ids"])
+        prompt_mask[b, P - p :] = 1
     images = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
     batch.update(
-        input_ids=ids, labels=labels, attention_mask=mask, prompt_ids=prompt, prompt_mask=prompt_mask,
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        prompt_ids=prompt,
+        prompt_mask=prompt_mask,
         pixel_values=torch.stack(images) if images else None,
         has_image=torch.tensor([x["pixel_values"] is not None for x in kept]),
-        ids=[x["id"] for x in kept], answers=[x["answer"] for x in kept], questions=[x["question"] for x in kept],
+        ids=[x["id"] for x in kept],
+        answers=[x["answer"] for x in kept],
+        questions=[x["question"] for x in kept],
     )
     return batch

@@ -48,7 +48,10 @@ def image_transform(image_size: int, pixel_mean, pixel_std, pad_to_square: bool)
     steps = []
     if pad_to_square:
         fill = tuple(int(round(m * 255)) for m in pixel_mean)
-        steps += [functools.partial(expand_to_square, fill=fill), v2.Resize((image_size, image_size), v2.InterpolationMode.BICUBIC)]
+        steps += [
+            functools.partial(expand_to_square, fill=fill),
+            v2.Resize((image_size, image_size), v2.InterpolationMode.BICUBIC),
+        ]
     else:
         steps += [v2.Resize(image_size, v2.InterpolationMode.BICUBIC), v2.CenterCrop(image_size)]
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pixel_mean), list(pixel_std))]
@@ -83,12 +86,30 @@ class LLaVADataModule(L.LightningDataModule):
 
     default_template = "chat_template"
 
-    def __init__(self, tokenizer, *, image_size: int, pixel_mean, pixel_std, num_image_tokens: int,
-                 train_json: str, image_folder: str | None = None, val_json: str | None = None,
-                 val_fraction: float = 0.0, template: str | None = None, system_prompt: str | None = None,
-                 max_length: int = 2048, pad_to_square: bool = False, batch_size: int = 16,
-                 val_batch_size: int | None = None, num_workers: int = 0, group_by_length: bool = False,
-                 on_error: str = "raise", seed: int = 0, image_token: str = "<image>") -> None:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_size: int,
+        pixel_mean,
+        pixel_std,
+        num_image_tokens: int,
+        train_json: str,
+        image_folder: str | None = None,
+        val_json: str | None = None,
+        val_fraction: float = 0.0,
+        template: str | None = None,
+        system_prompt: str | None = None,
+        max_length: int = 2048,
+        pad_to_square: bool = False,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        group_by_length: bool = False,
+        on_error: str = "raise",
+        seed: int = 0,
+        image_token: str = "<image>",
+    ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.template = template or self.default_template
@@ -115,16 +136,32 @@ class LLaVADataModule(L.LightningDataModule):
         return encode(self.tokenizer, record["conversations"], self.template, self.system_prompt)
 
     def _check(self, records: list[dict], path: str) -> list[Sample]:
-        checked = check_records(records, path, self.image_folder, self.encode, self.num_image_tokens,
-                                self.max_length, self.image_token, self.on_error)
+        checked = check_records(
+            records,
+            path,
+            self.image_folder,
+            self.encode,
+            self.num_image_tokens,
+            self.max_length,
+            self.image_token,
+            self.on_error,
+        )
         self.skipped.update(checked.skipped)
         if not checked.samples:
             raise ValueError(f"{path}: no usable records (skipped: {dict(checked.skipped)})")
         return checked.samples
 
     def _dataset(self, samples: list[Sample], path: str) -> LLaVADataset:
-        return LLaVADataset(samples, path, self.image_folder, self.encode, self.transform, self.image_token_id,
-                            self.num_image_tokens, self.on_error)
+        return LLaVADataset(
+            samples,
+            path,
+            self.image_folder,
+            self.encode,
+            self.transform,
+            self.image_token_id,
+            self.num_image_tokens,
+            self.on_error,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -138,22 +175,36 @@ class LLaVADataModule(L.LightningDataModule):
             records = [records[i] for i in sorted(order[n_val:])]
         self.train_set = self._dataset(self._check(records, self.train_json), self.train_json)
         if val_records:
-            self.val_set = self._dataset(self._check(val_records, self.val_json or self.train_json),
-                                         self.val_json or self.train_json)
+            self.val_set = self._dataset(
+                self._check(val_records, self.val_json or self.train_json), self.val_json or self.train_json
+            )
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
 
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = GroupedSampler([s.length for s in dataset.samples], [s.has_image for s in dataset.samples],
-                                 batch_size, shuffle=train, group_by_length=self.group_by_length and train,
-                                 seed=self.seed, num_replicas=world, rank=rank)
+        sampler = GroupedSampler(
+            [s.length for s in dataset.samples],
+            [s.has_image for s in dataset.samples],
+            batch_size,
+            shuffle=train,
+            group_by_length=self.group_by_length and train,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
         if train and self._resume_samples:
             sampler.skip(self._resume_samples)
             self._resume_samples = 0
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)

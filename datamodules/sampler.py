@@ -17,20 +17,29 @@ from torch.utils.data import Sampler
 
 class GroupedSampler(Sampler[int]):
     """Args:
-        lengths: token length of each sample.
-        has_image: whether each sample has an image.
-        batch_size: per-rank batch size.
-        shuffle: shuffle each epoch (False: dataset order, for validation).
-        group_by_length: group by modality and sort by length inside mega-batches.
-        seed: base seed; the order of epoch e uses seed + e.
-        num_replicas: number of ranks (world size).
-        rank: this rank.
+    lengths: token length of each sample.
+    has_image: whether each sample has an image.
+    batch_size: per-rank batch size.
+    shuffle: shuffle each epoch (False: dataset order, for validation).
+    group_by_length: group by modality and sort by length inside mega-batches.
+    seed: base seed; the order of epoch e uses seed + e.
+    num_replicas: number of ranks (world size).
+    rank: this rank.
     """
 
     MEGA = 50  # global batches per sorted mega-batch (LLaVA uses 50 as well)
 
-    def __init__(self, lengths: list[int], has_image: list[bool], batch_size: int, shuffle: bool = True,
-                 group_by_length: bool = False, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        has_image: list[bool],
+        batch_size: int,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.lengths = lengths
         self.has_image = has_image
         self.batch_size = batch_size
@@ -66,8 +75,8 @@ class GroupedSampler(Sampler[int]):
             idx = [i for i in perm if self.has_image[i] == modality]
             mega = global_batch * self.MEGA
             for s in range(0, len(idx), mega):
-                chunk = sorted(idx[s:s + mega], key=lambda i: -self.lengths[i])
-                batches += [chunk[k:k + global_batch] for k in range(0, len(chunk), global_batch)]
+                chunk = sorted(idx[s : s + mega], key=lambda i: -self.lengths[i])
+                batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
         # Full batches in random order; the ragged ones (one per modality and mega-batch) go last.
         full = [b for b in batches if len(b) == global_batch]
         ragged = [b for b in batches if len(b) < global_batch]
@@ -78,6 +87,6 @@ class GroupedSampler(Sampler[int]):
         order = self._global_order()
         total = len(self) * self.num_replicas
         order += order[: total - len(order)]  # pad so every rank gets the same count (DistributedSampler does too)
-        mine = order[self.rank::self.num_replicas]
+        mine = order[self.rank :: self.num_replicas]
         start, self._skip = self._skip, 0
         return iter(mine[start:])

@@ -22,8 +22,14 @@ import shutil
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (230, 200, 30), "purple": (140, 50, 170), "orange": (240, 130, 20)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 50, 170),
+    "orange": (240, 130, 20),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 COUNTS = ("one", "two", "three", "four")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -34,9 +40,14 @@ QUESTIONS = {
     "position": "Where is the shape?",
 }
 # Text-only records: answerable without an image, so batches mix both kinds.
-TEXT_ONLY = [("How many sides does a square have?", "four"), ("How many sides does a triangle have?", "three"),
-             ("What color is the sky?", "blue"), ("What color is grass?", "green"),
-             ("What shape is a ball?", "circle"), ("What color is a banana?", "yellow")]
+TEXT_ONLY = [
+    ("How many sides does a square have?", "four"),
+    ("How many sides does a triangle have?", "three"),
+    ("What color is the sky?", "blue"),
+    ("What color is grass?", "green"),
+    ("What shape is a ball?", "circle"),
+    ("What color is a banana?", "yellow"),
+]
 FORMAT_VERSION = 2  # bump when rendering or records change, so old generated datasets are rebuilt
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 # ChatML, the same format as the "chatml" template in datamodules/templates.py.
@@ -86,8 +97,9 @@ def answers(facts: dict) -> dict[str, str]:
 
 
 def caption(facts: dict) -> str:
-    noun = facts["shape"] + ("es" if facts["shape"] == "cross" and facts["count"] > 1 else
-                             "s" if facts["count"] > 1 else "")
+    noun = facts["shape"] + (
+        "es" if facts["shape"] == "cross" and facts["count"] > 1 else "s" if facts["count"] > 1 else ""
+    )
     where = " and ".join(QUADRANTS[q] for q in facts["quadrants"])
     return f"{COUNTS[facts['count'] - 1]} {facts['colour']} {noun} at the {where}."
 
@@ -103,8 +115,7 @@ def _record(rid: str, image: str | None, qa: list[tuple[str, str]]) -> dict:
     return rec
 
 
-def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: int = 4000,
-                    num_val: int = 200) -> str:
+def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: int = 4000, num_val: int = 200) -> str:
     """Write the dataset under `root` (skipped when already complete) and return `root`.
 
     Args:
@@ -114,8 +125,13 @@ def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: i
         num_train: training images (alignment captions and SFT conversations).
         num_val: held-out images, one question each.
     """
-    spec = {"version": FORMAT_VERSION, "seed": seed, "image_size": image_size, "num_train": num_train,
-            "num_val": num_val}
+    spec = {
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "num_train": num_train,
+        "num_val": num_val,
+    }
     if _is_complete(root, spec):
         return root
     # Write into a private folder and rename it into place, so concurrent ranks never see half a dataset.
@@ -129,8 +145,13 @@ def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: i
         img.save(os.path.join(root, name))
         qa = answers(facts)
         if i < num_train:
-            align.append({"id": f"align-{i}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(facts)}]})
+            align.append(
+                {
+                    "id": f"align-{i}",
+                    "image": name,
+                    "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(facts)}],
+                }
+            )
             kinds = rng.sample(list(qa), k=min(len(qa), rng.randint(1, 3)))
             sft.append(_record(f"sft-{i}", name, [(QUESTIONS[k], qa[k]) for k in kinds]))
             if i % 20 == 0:
@@ -170,12 +191,24 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     # Every word the generator can emit, so a small dataset still gets the full vocabulary.
-    vocab_text = [" ".join(QUESTIONS.values()), " ".join(COLOURS), " ".join(SHAPES), " ".join(COUNTS),
-                  " ".join(QUADRANTS), "crosses squares circles triangles at the and . user assistant system"]
+    vocab_text = [
+        " ".join(QUESTIONS.values()),
+        " ".join(COLOURS),
+        " ".join(SHAPES),
+        " ".join(COUNTS),
+        " ".join(QUADRANTS),
+        "crosses squares circles triangles at the and . user assistant system",
+    ]
     vocab_text += [q + " " + a for q, a in TEXT_ONLY]
     texts = [t["value"] for r in records for t in r["conversations"]] + vocab_text
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS,
+    )
     fast.chat_template = CHATML_JINJA
     fast.save_pretrained(out_dir)

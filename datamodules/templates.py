@@ -17,10 +17,14 @@ from dataclasses import dataclass
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
-LLAMA3_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions.")
+LLAMA3_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+)
 
 
 class TemplateError(ValueError):
@@ -35,8 +39,9 @@ class Encoded:
     answer: str  # the last answer (the exact-match target)
 
 
-def _segments(template: str, messages: list[tuple[str, str]], system: str | None, bos: str | None,
-              generation_prompt: bool) -> list[tuple[str, bool]]:
+def _segments(
+    template: str, messages: list[tuple[str, str]], system: str | None, bos: str | None, generation_prompt: bool
+) -> list[tuple[str, bool]]:
     """Text segments (text, trainable) for hand-written templates; messages are (user|assistant, text)."""
     segs: list[tuple[str, bool]] = []
     if template == "plain":
@@ -127,7 +132,8 @@ def encode(tokenizer, conversations: list[dict], template: str, system: str | No
 
 def _render(tokenizer, messages: list[tuple[str, str]], system: str | None, generation_prompt: bool) -> str:
     chat = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": r, "content": t} for r, t in messages]
+        {"role": r, "content": t} for r, t in messages
+    ]
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
 
 
@@ -140,12 +146,13 @@ def _encode_chat_template(tokenizer, messages: list[tuple[str, str]], system: st
         start = _render(tokenizer, messages[:k], system, True)
         end = _render(tokenizer, messages[: k + 1], system, False)
         if not (full.startswith(start) and full.startswith(end)):
-            raise TemplateError("the tokenizer's chat template does not render prefixes as prefixes; "
-                                "use a named template (llama3, chatml, vicuna_v1)")
+            raise TemplateError(
+                "the tokenizer's chat template does not render prefixes as prefixes; "
+                "use a named template (llama3, chatml, vicuna_v1)"
+            )
         spans.append((len(start), len(end)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
-              for t, (s, _) in zip(ids, enc["offset_mapping"])]
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, (s, _) in zip(ids, enc["offset_mapping"])]
     prompt = tokenizer(_render(tokenizer, messages[:-1], system, True), add_special_tokens=False)["input_ids"]
     return Encoded(ids, labels, list(prompt), messages[-1][1])

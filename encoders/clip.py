@@ -24,8 +24,14 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ViT-L/14 as released by OpenAI (openai/clip-vit-large-patch14[-336]).
 CLIP_VIT_L = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
 )
 
 
@@ -132,10 +138,13 @@ def build_clip(
     return encoder
 
 
-def _clip_vit_l(image_size: int, checkpoint: str | None, select_layer: int, select_feature: str,
-                grad_checkpointing: bool) -> CLIPEncoder:
+def _clip_vit_l(
+    image_size: int, checkpoint: str | None, select_layer: int, select_feature: str, grad_checkpointing: bool
+) -> CLIPEncoder:
     if checkpoint is None:
-        return build_clip(None, dict(CLIP_VIT_L, image_size=image_size), select_layer, select_feature, grad_checkpointing)
+        return build_clip(
+            None, dict(CLIP_VIT_L, image_size=image_size), select_layer, select_feature, grad_checkpointing
+        )
     encoder = build_clip(checkpoint, None, select_layer, select_feature, grad_checkpointing)
     cfg = encoder.model.config
     if cfg.image_size != image_size or cfg.hidden_size != CLIP_VIT_L["hidden_size"]:
@@ -147,14 +156,22 @@ def _clip_vit_l(image_size: int, checkpoint: str | None, select_layer: int, sele
 
 
 @register_encoder("clip_vit_l_336")
-def clip_vit_l_336(checkpoint: str | None = None, select_layer: int = -2, select_feature: str = "patch",
-                   grad_checkpointing: bool = False) -> CLIPEncoder:
+def clip_vit_l_336(
+    checkpoint: str | None = None,
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    grad_checkpointing: bool = False,
+) -> CLIPEncoder:
     """OpenAI CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower): 24 x 24 = 576 tokens of width 1024."""
     return _clip_vit_l(336, checkpoint, select_layer, select_feature, grad_checkpointing)
 
 
 @register_encoder("clip_vit_l_224")
-def clip_vit_l_224(checkpoint: str | None = None, select_layer: int = -2, select_feature: str = "patch",
-                   grad_checkpointing: bool = False) -> CLIPEncoder:
+def clip_vit_l_224(
+    checkpoint: str | None = None,
+    select_layer: int = -2,
+    select_feature: str = "patch",
+    grad_checkpointing: bool = False,
+) -> CLIPEncoder:
     """OpenAI CLIP ViT-L/14 at 224 px: 16 x 16 = 256 tokens of width 1024."""
     return _clip_vit_l(224, checkpoint, select_layer, select_feature, grad_checkpointing)

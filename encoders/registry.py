@@ -53,5 +53,5 @@ def build_encoder(name: str, **kwargs: Any) -> VisionEncoder:
     if unknown:
         raise ValueError(f"encoder {name!r} got unknown option(s) {unknown}; valid options: {valid}")
     if name.startswith(TIMM_PREFIX):
-        return builder(model_name=name[len(TIMM_PREFIX):], **kwargs)
+        return builder(model_name=name[len(TIMM_PREFIX) :], **kwargs)
     return builder(**kwargs)

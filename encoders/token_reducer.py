@@ -55,8 +55,10 @@ class TokenReducer(VisionEncoder):
             dims = [encoder.embed_dim, *channels]
             # bias=False as in Vary's net_2/net_3 and DeepSeek-VL's SAM downsamples
             self.layers = nn.Sequential(
-                *(nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False)
-                  for c_in, c_out in zip(dims[:-1], dims[1:]))
+                *(
+                    nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False)
+                    for c_in, c_out in zip(dims[:-1], dims[1:])
+                )
             )
             self.reduction = 2 ** len(channels)
             self.embed_dim = dims[-1]
@@ -107,4 +109,3 @@ def build_token_reducer(encoder: VisionEncoder, kind: str, **kwargs: Any) -> Tok
             f"token reducer {kind!r} got unknown option(s) {unknown}; valid options: {list(_KIND_OPTIONS[kind])}"
         )
     return TokenReducer(encoder, kind=kind, **kwargs)
-

@@ -27,11 +27,25 @@ def avgpool_reducer(encoder: VisionEncoder, factor: int = 4) -> VisionEncoder:
     return build_token_reducer(encoder, "avgpool", factor=factor)
 
 
-def dual_perspective(encoder: VisionEncoder, n: int = 3, mode: str = "fast", perspectives: str = "both",
-                     fusion: str = "concat_ffn", combine_global: str = "mean", num_heads: int = 8) -> VisionEncoder:
+def dual_perspective(
+    encoder: VisionEncoder,
+    n: int = 3,
+    mode: str = "fast",
+    perspectives: str = "both",
+    fusion: str = "concat_ffn",
+    combine_global: str = "mean",
+    num_heads: int = 8,
+) -> VisionEncoder:
     """INF-LLaVA's DCM + DEM around the encoder (input n*S px); see lit_modules/dual_perspective.py."""
-    return DualPerspective(encoder, n=n, mode=mode, perspectives=perspectives, fusion=fusion,
-                           combine_global=combine_global, num_heads=num_heads)
+    return DualPerspective(
+        encoder,
+        n=n,
+        mode=mode,
+        perspectives=perspectives,
+        fusion=fusion,
+        combine_global=combine_global,
+        num_heads=num_heads,
+    )
 
 
 REDUCERS = {"conv": conv_reducer, "avgpool": avgpool_reducer}
@@ -49,10 +63,16 @@ def build_vision(cfg: DictConfig) -> VisionEncoder:
     return vision
 
 
-def build_llm(path: str | None = None, config: dict | None = None, dtype: str | None = None,
-              attn_implementation: str | None = None, vocab_size: int | None = None,
-              grad_checkpointing: bool = False, lora: dict | None = None,
-              quantization: str | None = None) -> PreTrainedModel:
+def build_llm(
+    path: str | None = None,
+    config: dict | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    vocab_size: int | None = None,
+    grad_checkpointing: bool = False,
+    lora: dict | None = None,
+    quantization: str | None = None,
+) -> PreTrainedModel:
     """Any transformers causal LM, from a directory / hub id, or randomly initialised from an inline config.
 
     Args:
@@ -72,8 +92,10 @@ def build_llm(path: str | None = None, config: dict | None = None, dtype: str | 
 
         if path is None or lora is None:
             raise ValueError("quantization (QLoRA) needs a pretrained 'path' and 'lora' adapters")
-        kwargs.update(quantization_config=quantization_config(quantization, getattr(torch, dtype) if dtype else None),
-                      device_map=quantized_device_map())
+        kwargs.update(
+            quantization_config=quantization_config(quantization, getattr(torch, dtype) if dtype else None),
+            device_map=quantized_device_map(),
+        )
     if path is not None:
         llm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, **kwargs)
     else:
@@ -104,16 +126,25 @@ def load_mm_projector(path: str, vision: VisionEncoder, projector: torch.nn.Modu
             raise key_mismatch_error(path, [], others)
     missing, unexpected = projector.load_state_dict(rest, strict=False)
     if missing or unexpected:
-        raise key_mismatch_error(path, [f"mm_projector.{k}" for k in missing], [f"mm_projector.{k}" for k in unexpected])
+        raise key_mismatch_error(
+            path, [f"mm_projector.{k}" for k in missing], [f"mm_projector.{k}" for k in unexpected]
+        )
 
 
 def build_vlm(cfg: DictConfig, tokenizer) -> VisionLanguageModel:
     """`cfg` is the experiment's `model` section; `tokenizer` already holds the image placeholder."""
     vision = build_vision(cfg)
     llm_cfg = cfg.llm
-    llm = build_llm(llm_cfg.path, OmegaConf.to_container(llm_cfg.config) if llm_cfg.config else None,
-                    llm_cfg.dtype, llm_cfg.attn_implementation, len(tokenizer), llm_cfg.grad_checkpointing,
-                    OmegaConf.to_container(llm_cfg.lora) if llm_cfg.get("lora") else None, llm_cfg.get("quantization"))
+    llm = build_llm(
+        llm_cfg.path,
+        OmegaConf.to_container(llm_cfg.config) if llm_cfg.config else None,
+        llm_cfg.dtype,
+        llm_cfg.attn_implementation,
+        len(tokenizer),
+        llm_cfg.grad_checkpointing,
+        OmegaConf.to_container(llm_cfg.lora) if llm_cfg.get("lora") else None,
+        llm_cfg.get("quantization"),
+    )
     projector = build_projector(cfg.projector, vision.embed_dim, llm.config.get_text_config().hidden_size)
     if cfg.mm_projector is not None:
         load_mm_projector(cfg.mm_projector, vision, projector)

@@ -56,8 +56,11 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
     parts = model.parts()
     trainable = tuple(cfg.trainable) if cfg.trainable is not None else STAGE_TRAINABLE[cfg.stage]
     why = "`trainable`" if cfg.trainable is not None else "the stage's default"
-    lines = [f"{cfg.name}: stage {cfg.stage!r}, training {', '.join(p for p in trainable if p in parts)} ({why})",
-             f"built on the meta device in {seconds:.1f} s (shapes only, no weights read)", ""]
+    lines = [
+        f"{cfg.name}: stage {cfg.stage!r}, training {', '.join(p for p in trainable if p in parts)} ({why})",
+        f"built on the meta device in {seconds:.1f} s (shapes only, no weights read)",
+        "",
+    ]
 
     sources = _sources(cfg, text)
     rows = [(part, sum(p.numel() for _, p in parts[part]), part in trainable) for part in PARTS if part in parts]
@@ -70,21 +73,29 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
 
     lines.append("vision: " + _vision_chain(vision))
     tokens, max_length = vision.num_tokens, cfg.data.max_length
-    lines.append(f"image tokens per image: {tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
-                 f"{' + CLS' if tokens != vision.grid_size[0] * vision.grid_size[1] else ''}) of width "
-                 f"{vision.embed_dim}, projected to {text.hidden_size}")
+    lines.append(
+        f"image tokens per image: {tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
+        f"{' + CLS' if tokens != vision.grid_size[0] * vision.grid_size[1] else ''}) of width "
+        f"{vision.embed_dim}, projected to {text.hidden_size}"
+    )
     budget = max_length - tokens
-    lines.append(f"sequence: data.max_length {max_length} = {tokens} image tokens + {budget} text tokens "
-                 f"(one image per sample)" + ("  <- no room for text" if budget <= 0 else ""))
+    lines.append(
+        f"sequence: data.max_length {max_length} = {tokens} image tokens + {budget} text tokens "
+        f"(one image per sample)" + ("  <- no room for text" if budget <= 0 else "")
+    )
     positions = getattr(text, "max_position_embeddings", None)
     if positions is not None:
         heads = text.num_attention_heads
         kv = getattr(text, "num_key_value_heads", None) or heads
-        lines.append(f"LLM: {text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
-                     f"{heads} heads ({kv} key/value), {positions} positions"
-                     + ("  <- shorter than data.max_length" if positions < max_length else ""))
-    lines.append(f"vocabulary: {text.vocab_size:,} (the LLM config's; tokens the tokenizer adds, such as "
-                 f"{m.image_token}, grow it)")
+        lines.append(
+            f"LLM: {text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+            f"{heads} heads ({kv} key/value), {positions} positions"
+            + ("  <- shorter than data.max_length" if positions < max_length else "")
+        )
+    lines.append(
+        f"vocabulary: {text.vocab_size:,} (the LLM config's; tokens the tokenizer adds, such as "
+        f"{m.image_token}, grow it)"
+    )
     return "\n".join(lines)
 
 
@@ -103,13 +114,18 @@ def _encoder_without_weights(enc: dict) -> dict:
 
 def _architecture_from(checkpoint: str, name: str) -> dict:
     if not os.path.exists(os.path.join(os.path.expanduser(checkpoint), "config.json")):
-        raise ValueError(f"encoder {name!r} takes its architecture from {checkpoint}/config.json, which is not "
-                         f"here; describe with a named variant (e.g. model.encoder.name=clip_vit_l_336) or an "
-                         f"inline model.encoder.config={{...}}")
+        raise ValueError(
+            f"encoder {name!r} takes its architecture from {checkpoint}/config.json, which is not "
+            f"here; describe with a named variant (e.g. model.encoder.name=clip_vit_l_336) or an "
+            f"inline model.encoder.config={{...}}"
+        )
     conf = AutoConfig.from_pretrained(checkpoint)
     conf = getattr(conf, "vision_config", None) or conf  # a whole CLIP directory holds the text tower too
-    return {k: v for k, v in conf.to_dict().items() if not k.startswith("_") and k not in ("transformers_version",
-                                                                                             "architectures")}
+    return {
+        k: v
+        for k, v in conf.to_dict().items()
+        if not k.startswith("_") and k not in ("transformers_version", "architectures")
+    }
 
 
 def _llm_config(llm: DictConfig, override: dict | None) -> PretrainedConfig:
@@ -151,7 +167,9 @@ def _vision_chain(vision: VisionEncoder) -> str:
     """Outermost wrapper first, e.g. `1008 x 1008 px images -> DualPerspective (...) wrapping CLIPEncoder (...)`."""
     chain, module = [], vision
     while module is not None:
-        chain.append(f"{type(module).__name__} ({module.image_size} px in, {module.grid_size[0]} x "
-                     f"{module.grid_size[1]} x {module.embed_dim} out)")
+        chain.append(
+            f"{type(module).__name__} ({module.image_size} px in, {module.grid_size[0]} x "
+            f"{module.grid_size[1]} x {module.embed_dim} out)"
+        )
         module = getattr(module, "inner", None)
     return f"{vision.image_size} x {vision.image_size} px images -> " + " wrapping ".join(chain)

@@ -458,11 +458,11 @@ def load_inf_llava(module: DualPerspective, state_dict: dict[str, torch.Tensor])
     projector_state: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        name = key[len("model."):] if key.startswith("model.") else key
+        name = key[len("model.") :] if key.startswith("model.") else key
         if name.startswith("spatial_embed."):
-            dem_state[name[len("spatial_embed."):]] = value
+            dem_state[name[len("spatial_embed.") :]] = value
         elif name.startswith("mm_projector."):
-            projector_state[name[len("mm_projector."):]] = value
+            projector_state[name[len("mm_projector.") :]] = value
         else:
             unknown.append(key)
     if unknown:

@@ -31,9 +31,16 @@ def adapter_prefix(module: nn.Module) -> str:
     return module.base_model.prefix
 
 
-def apply_lora(llm: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-               target_modules: str | list[str] = "all-linear", modules_to_save: list[str] | None = None,
-               quantized: bool = False, grad_checkpointing: bool = False) -> nn.Module:
+def apply_lora(
+    llm: nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+    modules_to_save: list[str] | None = None,
+    quantized: bool = False,
+    grad_checkpointing: bool = False,
+) -> nn.Module:
     """Wrap a transformers causal LM with LoRA adapters (base weights frozen by peft).
 
     Args:
@@ -50,11 +57,17 @@ def apply_lora(llm: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=grad_checkpointing,
-                                              gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                        target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
-                        modules_to_save=list(modules_to_save) if modules_to_save else None)
+        llm = prepare_model_for_kbit_training(
+            llm, use_gradient_checkpointing=grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        task_type="CAUSAL_LM",
+        target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
     return get_peft_model(llm, config)
 
 
@@ -63,18 +76,25 @@ def quantization_config(quantization: str, dtype: torch.dtype | None):
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not valid; choose one of: {', '.join(QUANTIZATIONS)}")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"quantization={quantization!r} (QLoRA) needs bitsandbytes, an optional install: "
-                           f"{BITSANDBYTES_INSTALL}")
+        raise RuntimeError(
+            f"quantization={quantization!r} (QLoRA) needs bitsandbytes, an optional install: {BITSANDBYTES_INSTALL}"
+        )
     if not torch.cuda.is_available():
-        raise RuntimeError(f"quantization={quantization!r} (QLoRA) needs a CUDA GPU (bitsandbytes kernels); "
-                           "none is available here. Use LoRA without quantization on CPU.")
+        raise RuntimeError(
+            f"quantization={quantization!r} (QLoRA) needs a CUDA GPU (bitsandbytes kernels); "
+            "none is available here. Use LoRA without quantization on CPU."
+        )
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     # The QLoRA paper's settings: NF4 with double quantisation, compute in the weights' dtype (bf16 default).
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype or torch.bfloat16,
+    )
 
 
 def quantized_device_map() -> dict:

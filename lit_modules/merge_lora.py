@@ -44,11 +44,15 @@ def merge_lora(checkpoint: str, out_dir: str) -> str:
     if not is_lora(llm):
         raise ValueError(f"{checkpoint}: the run has no LoRA adapters (model.llm.lora is not set)")
     if cfg.model.llm.path is None and any(k.startswith("model.llm.") for k in state.get("frozen_keys", [])):
-        raise ValueError(f"{checkpoint}: the base LLM was randomly initialised (model.llm.config) and, being "
-                         "frozen, is not in the checkpoint; there is nothing to merge the adapters into")
+        raise ValueError(
+            f"{checkpoint}: the base LLM was randomly initialised (model.llm.config) and, being "
+            "frozen, is not in the checkpoint; there is nothing to merge the adapters into"
+        )
     if cfg.model.llm.quantization is not None:
-        raise ValueError("merging into a 4 / 8-bit base loses precision; rebuild the run with "
-                         "quantization=null (same adapters, bf16 / fp32 base) and merge that")
+        raise ValueError(
+            "merging into a 4 / 8-bit base loses precision; rebuild the run with "
+            "quantization=null (same adapters, bf16 / fp32 base) and merge that"
+        )
     module.model.llm = llm.merge_and_unload()
     llm_dir = os.path.join(out_dir, "llm")
     module.model.llm.save_pretrained(llm_dir)
@@ -61,8 +65,7 @@ def merge_lora(checkpoint: str, out_dir: str) -> str:
         cfg.model.tokenizer = os.path.abspath(llm_dir)
     OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
     path = os.path.join(out_dir, "model.ckpt")
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}},
-               path)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}}, path)
     return path
 
 

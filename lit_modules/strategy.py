@@ -32,18 +32,42 @@ from torch import nn
 
 # Options a mapping may give per strategy name (beyond `name`); anything else fails in config.validate.
 # ddp: DDPStrategy's own arguments plus DistributedDataParallel keyword arguments (passed through).
-DDP_OPTIONS = ("process_group_backend", "timeout", "start_method", "find_unused_parameters", "static_graph",
-               "gradient_as_bucket_view", "bucket_cap_mb", "broadcast_buffers")
+DDP_OPTIONS = (
+    "process_group_backend",
+    "timeout",
+    "start_method",
+    "find_unused_parameters",
+    "static_graph",
+    "gradient_as_bucket_view",
+    "bucket_cap_mb",
+    "broadcast_buffers",
+)
 # fsdp: FSDPStrategy's arguments that YAML can express; `activation_checkpointing: true` checkpoints the
 # wrapped blocks. `auto_wrap_policy` / `mixed_precision` objects are not YAML (precision comes from
 # `trainer.precision`).
-FSDP_OPTIONS = ("sharding_strategy", "state_dict_type", "cpu_offload", "activation_checkpointing",
-                "process_group_backend", "timeout", "use_orig_params", "limit_all_gathers", "forward_prefetch",
-                "sync_module_states")
+FSDP_OPTIONS = (
+    "sharding_strategy",
+    "state_dict_type",
+    "cpu_offload",
+    "activation_checkpointing",
+    "process_group_backend",
+    "timeout",
+    "use_orig_params",
+    "limit_all_gathers",
+    "forward_prefetch",
+    "sync_module_states",
+)
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 # Lightning's own arguments that are not options of a YAML strategy.
-_INTERNAL = {"self", "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin",
-             "kwargs"}
+_INTERNAL = {
+    "self",
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+    "kwargs",
+}
 DEEPSPEED_INSTALL = "DeepSpeed is not installed (an optional dependency): pip install deepspeed"
 
 
@@ -69,8 +93,10 @@ def check_strategy(spec: Any, key: str = "trainer.strategy", installed: bool = F
     if isinstance(spec, str):
         valid = ["auto", *StrategyRegistry.available_strategies()]
         if spec not in valid:
-            raise ValueError(f"'{key}' = {spec!r} is not a Lightning strategy; choose one of: {', '.join(valid)} "
-                             f"(or a mapping {{name: ddp|fsdp|deepspeed, ...options}})")
+            raise ValueError(
+                f"'{key}' = {spec!r} is not a Lightning strategy; choose one of: {', '.join(valid)} "
+                f"(or a mapping {{name: ddp|fsdp|deepspeed, ...options}})"
+            )
         name = "deepspeed" if spec.startswith("deepspeed") else spec
     else:
         spec = dict(spec)
@@ -82,15 +108,19 @@ def check_strategy(spec: Any, key: str = "trainer.strategy", installed: bool = F
             raise ValueError(f"'{key}.name' = {name!r} is not valid; choose one of: {', '.join(options)}")
         for opt in spec:
             if opt != "name" and opt not in options[name]:
-                raise ValueError(f"unknown key '{key}.{opt}' for strategy {name!r}; valid options: "
-                                 f"{', '.join(options[name])}")
+                raise ValueError(
+                    f"unknown key '{key}.{opt}' for strategy {name!r}; valid options: {', '.join(options[name])}"
+                )
         if name == "fsdp":
             if spec.get("state_dict_type", "full") not in ("full", "sharded"):
-                raise ValueError(f"'{key}.state_dict_type' = {spec['state_dict_type']!r} is not valid; "
-                                 "choose one of: full, sharded")
+                raise ValueError(
+                    f"'{key}.state_dict_type' = {spec['state_dict_type']!r} is not valid; choose one of: full, sharded"
+                )
             if spec.get("sharding_strategy", "FULL_SHARD") not in FSDP_SHARDING:
-                raise ValueError(f"'{key}.sharding_strategy' = {spec['sharding_strategy']!r} is not valid; "
-                                 f"choose one of: {', '.join(FSDP_SHARDING)}")
+                raise ValueError(
+                    f"'{key}.sharding_strategy' = {spec['sharding_strategy']!r} is not valid; "
+                    f"choose one of: {', '.join(FSDP_SHARDING)}"
+                )
         if name == "deepspeed" and spec.get("stage", 2) not in (1, 2, 3):
             raise ValueError(f"'{key}.stage' = {spec['stage']!r} is not valid; choose one of: 1, 2, 3")
     if installed and name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

@@ -16,10 +16,10 @@ from encoders.base import VisionEncoder, split_parts
 
 class VisionLanguageModel(nn.Module):
     """Args:
-        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
-        projector: [M, N, C] -> [M, N, D].
-        llm: a transformers causal LM with hidden size D.
-        image_token_id: placeholder id in input_ids (N consecutive copies per image).
+    vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
+    projector: [M, N, C] -> [M, N, D].
+    llm: a transformers causal LM with hidden size D.
+    image_token_id: placeholder id in input_ids (N consecutive copies per image).
     """
 
     def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
@@ -71,13 +71,20 @@ class VisionLanguageModel(nn.Module):
             return embeds
         images = self.encode_images(pixel_values)  # [M, N, D]
         if num_slots != images.shape[0] * images.shape[1]:
-            raise ValueError(f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
-                             f"{images.shape[0]} x {images.shape[1]} embeddings")
+            raise ValueError(
+                f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
+                f"{images.shape[0]} x {images.shape[1]} embeddings"
+            )
         return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | None = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
+    ):
         """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
 
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
@@ -88,12 +95,25 @@ class VisionLanguageModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                 max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        pad_id: int,
+    ) -> list[list[int]]:
         """Greedy decoding from left-padded prompts [B, P]; returns the new tokens of each sample (stop excluded)."""
         embeds = self.embed(prompt_ids, pixel_values)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+        )
         # With inputs_embeds only, transformers returns just the generated tokens [B, <= max_new_tokens].
         result = []
         for row in out.tolist():

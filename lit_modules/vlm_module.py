@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import lightning as L
 import torch
 import torchvision
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from lit_modules.vlm import VisionLanguageModel
-
-log = logging.getLogger(__name__)
 
 # Parts that train in each stage unless the YAML lists `trainable` (LLaVA-1.5 / INF-LLaVA recipes).
 STAGE_TRAINABLE = {"align": ("reducer", "enhancer", "projector"), "sft": ("reducer", "enhancer", "projector", "llm")}
@@ -25,28 +23,42 @@ def normalise_answer(text: str) -> str:
 
 class VLMModule(L.LightningModule):
     """Args:
-        model: the VLM to train.
-        tokenizer: its tokenizer (decodes generated answers).
-        stage: "align" or "sft"; picks the default trainable parts.
-        trainable: parts to train instead of the stage's default (e.g. all five for a from-scratch run).
-        lr: base learning rate.
-        lr_per_part: learning rate per part where it differs from `lr`.
-        weight_decay: AdamW weight decay (not applied to biases and norm weights).
-        betas: AdamW betas.
-        warmup_ratio: share of the total steps with linear warm-up.
-        min_lr_ratio: cosine floor as a share of each group's peak lr.
-        stop_ids: token ids that end a generated answer.
-        max_new_tokens: generation budget for the held-out exact-match.
-        num_logged_samples: validation images logged with question, answer and output.
-        max_generate_batches: validation batches that run generation (None: all).
-        config: the resolved experiment config (saved in checkpoints and logged as hparams).
+    model: the VLM to train.
+    tokenizer: its tokenizer (decodes generated answers).
+    stage: "align" or "sft"; picks the default trainable parts.
+    trainable: parts to train instead of the stage's default (e.g. all five for a from-scratch run).
+    lr: base learning rate.
+    lr_per_part: learning rate per part where it differs from `lr`.
+    weight_decay: AdamW weight decay (not applied to biases and norm weights).
+    betas: AdamW betas.
+    warmup_ratio: share of the total steps with linear warm-up.
+    min_lr_ratio: cosine floor as a share of each group's peak lr.
+    stop_ids: token ids that end a generated answer.
+    max_new_tokens: generation budget for the held-out exact-match.
+    num_logged_samples: validation images logged with question, answer and output.
+    max_generate_batches: validation batches that run generation (None: all).
+    config: the resolved experiment config (saved in checkpoints and logged as hparams).
     """
 
-    def __init__(self, model: VisionLanguageModel, tokenizer, *, stage: str = "sft", trainable: list[str] | None = None,
-                 lr: float = 1e-3, lr_per_part: dict[str, float] | None = None, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, min_lr_ratio: float = 0.0,
-                 stop_ids: list[int] | None = None, max_new_tokens: int = 16, num_logged_samples: int = 4,
-                 max_generate_batches: int | None = None, config: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        tokenizer,
+        *,
+        stage: str = "sft",
+        trainable: list[str] | None = None,
+        lr: float = 1e-3,
+        lr_per_part: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        stop_ids: list[int] | None = None,
+        max_new_tokens: int = 16,
+        num_logged_samples: int = 4,
+        max_generate_batches: int | None = None,
+        config: dict | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config or {}}, logger=False)
         self.model = model
@@ -76,13 +88,14 @@ class VLMModule(L.LightningModule):
             total = sum(p.numel() for _, p in params)
             lines.append(f"{name:<10}{total:>15,}{total if name in parts else 0:>15,}")
         self.parameter_table = "\n".join(lines)
-        log.info("\n%s", self.parameter_table)
+        rank_zero_info("\n" + self.parameter_table)
         return parts
 
     # ---- steps ---------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"],
-                          num_items_in_batch)
+        return self.model(
+            batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"], num_items_in_batch
+        )
 
     def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Label tokens of the global batch / world size (None in one process). Each rank's loss is then
@@ -112,8 +125,14 @@ class VLMModule(L.LightningModule):
         self.log("val/loss", self(batch).loss, batch_size=bs, sync_dist=True)
         if self.max_generate_batches is not None and batch_idx >= self.max_generate_batches:
             return
-        new_tokens = self.model.generate(batch["prompt_ids"], batch["prompt_mask"], batch.get("pixel_values"),
-                                         self.max_new_tokens, self.stop_ids, self.tokenizer.pad_token_id)
+        new_tokens = self.model.generate(
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch.get("pixel_values"),
+            self.max_new_tokens,
+            self.stop_ids,
+            self.tokenizer.pad_token_id,
+        )
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         hits = [normalise_answer(o) == normalise_answer(a) for o, a in zip(outputs, batch["answers"])]
         self.val_accuracy.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
@@ -162,8 +181,10 @@ class VLMModule(L.LightningModule):
             tb.add_text("model/parameters", "```\n" + self.parameter_table + "\n```", 0)
         for logger in self.loggers:
             # Metrics named here show in TensorBoard's HPARAMS tab with their latest logged values.
-            logger.log_hyperparams(_flatten(self.hparams.get("config", {})),
-                                   {"hparams/val_exact_match": 0.0, "hparams/val_loss": float("nan")})
+            logger.log_hyperparams(
+                _flatten(self.hparams.get("config", {})),
+                {"hparams/val_exact_match": 0.0, "hparams/val_loss": float("nan")},
+            )
             # Records dropped when the data was checked (data.on_error=skip), by reason.
             skipped = getattr(self.trainer.datamodule, "skipped", None)
             if skipped:
@@ -178,16 +199,21 @@ class VLMModule(L.LightningModule):
             lr = self.lr_per_part.get(part, self.lr)
             decay = [p for n, p in params if p.requires_grad and p.ndim >= 2]
             no_decay = [p for n, p in params if p.requires_grad and p.ndim < 2]  # biases, norms
-            groups += [{"params": decay, "lr": lr, "weight_decay": self.weight_decay, "name": part},
-                       {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"}]
+            groups += [
+                {"params": decay, "lr": lr, "weight_decay": self.weight_decay, "name": part},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"},
+            ]
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
         optimizer = torch.optim.AdamW(groups, betas=self.betas)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=math.ceil(self.warmup_ratio * total), num_training_steps=total,
-            min_lr_rate=self.min_lr_ratio)
+            optimizer,
+            num_warmup_steps=math.ceil(self.warmup_ratio * total),
+            num_training_steps=total,
+            min_lr_rate=self.min_lr_ratio,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -202,7 +228,7 @@ class VLMModule(L.LightningModule):
             return
         frozen = {n for params in self.model.parts().values() for n, p in params if not p.requires_grad}
         state = checkpoint["state_dict"]
-        dropped = [k for k in state if k.startswith("model.") and k[len("model."):] in frozen]
+        dropped = [k for k in state if k.startswith("model.") and k[len("model.") :] in frozen]
         for k in dropped:
             del state[k]
         checkpoint["frozen_keys"] = dropped
@@ -214,8 +240,10 @@ class VLMModule(L.LightningModule):
         missing = expected - set(checkpoint["state_dict"]) - set(checkpoint.get("frozen_keys", []))
         unexpected = set(checkpoint["state_dict"]) - expected
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:10]}, "
-                             f"unexpected {sorted(unexpected)[:10]}")
+            raise ValueError(
+                f"checkpoint does not match the model: missing {sorted(missing)[:10]}, "
+                f"unexpected {sorted(unexpected)[:10]}"
+            )
 
 
 def _flatten(cfg: dict, prefix: str = "") -> dict:

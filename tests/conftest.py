@@ -15,8 +15,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def shapes_root(tmp_path_factory) -> str:
     from datamodules import generate_shapes
 
-    return generate_shapes(str(tmp_path_factory.mktemp("data") / "shapes"), seed=0, image_size=32, num_train=48,
-                           num_val=8)
+    return generate_shapes(
+        str(tmp_path_factory.mktemp("data") / "shapes"), seed=0, image_size=32, num_train=48, num_val=8
+    )
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +34,15 @@ def tiny_overrides(shapes_root: str, run_root: str) -> list[str]:
         "model.encoder.model_kwargs={patch_size: 8, depth: 3, embed_dim: 32, num_heads: 2}",
         "model.llm.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
         " num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}",
-        f"data.builtin.root={shapes_root}", "data.builtin.image_size=32", "data.builtin.num_train=48",
-        "data.builtin.num_val=8", "data.batch_size=8", "data.max_length=96",
-        f"logging.root={run_root}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        f"data.builtin.root={shapes_root}",
+        "data.builtin.image_size=32",
+        "data.builtin.num_train=48",
+        "data.builtin.num_val=8",
+        "data.batch_size=8",
+        "data.max_length=96",
+        f"logging.root={run_root}",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
         "eval.max_new_tokens=4",
     ]
 

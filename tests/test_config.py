@@ -48,25 +48,34 @@ def test_encoder_swap_replaces_the_block(tmp_path):
     assert dict(cfg.model.llm.config) == {"model_type": "qwen2", "num_hidden_layers": 2}
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys in 'optim': lr, lr_per_part"),
-    ("optim.lr=fast", "bad value for 'optim.lr'"),
-    ("data.batch_size=1.5", "bad value for 'data.batch_size'"),
-    ("nonsense=1", "unknown key 'nonsense'"),
-    ("model.encoder.name=resnet", "unknown encoder 'resnet'; choose one of: clip, clip_vit_l_224"),
-    ("model.encoder.depth=3", "unknown key 'model.encoder.depth' for encoder 'timm:vit_tiny_patch16_224'; valid options"),
-    ("model.projector=qformer", "'model.projector' = 'qformer' is not valid; choose one of: linear, mlp2x_gelu"),
-    ("model.enhancer={name: magic}", "'model.enhancer.name' = 'magic' is not valid; choose one of: dual_perspective"),
-    ("model.enhancer={name: dual_perspective, crops: 4}", "unknown key 'model.enhancer.crops'"),
-    ("stage=pretrain", "'stage' = 'pretrain' is not valid; choose one of: align, sft"),
-    ("trainable=[vision]", "'trainable' = 'vision' is not valid"),
-    ("data.template=alpaca", "'data.template' = 'alpaca' is not valid"),
-    ("data.on_error=ignore", "'data.on_error' = 'ignore' is not valid; choose one of: raise, skip"),
-    ("trainer.max_step=3", "unknown key 'trainer.max_step' (not a lightning.Trainer argument)"),
-    ("model.llm.path=some/dir", "set exactly one of 'model.llm.path'"),
-    ("optim.lr_per_part={vision: 0.1}", "'optim.lr_per_part.vision' = 'vision' is not valid"),
-    ("novalue", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; valid keys in 'optim': lr, lr_per_part"),
+        ("optim.lr=fast", "bad value for 'optim.lr'"),
+        ("data.batch_size=1.5", "bad value for 'data.batch_size'"),
+        ("nonsense=1", "unknown key 'nonsense'"),
+        ("model.encoder.name=resnet", "unknown encoder 'resnet'; choose one of: clip, clip_vit_l_224"),
+        (
+            "model.encoder.depth=3",
+            "unknown key 'model.encoder.depth' for encoder 'timm:vit_tiny_patch16_224'; valid options",
+        ),
+        ("model.projector=qformer", "'model.projector' = 'qformer' is not valid; choose one of: linear, mlp2x_gelu"),
+        (
+            "model.enhancer={name: magic}",
+            "'model.enhancer.name' = 'magic' is not valid; choose one of: dual_perspective",
+        ),
+        ("model.enhancer={name: dual_perspective, crops: 4}", "unknown key 'model.enhancer.crops'"),
+        ("stage=pretrain", "'stage' = 'pretrain' is not valid; choose one of: align, sft"),
+        ("trainable=[vision]", "'trainable' = 'vision' is not valid"),
+        ("data.template=alpaca", "'data.template' = 'alpaca' is not valid"),
+        ("data.on_error=ignore", "'data.on_error' = 'ignore' is not valid; choose one of: raise, skip"),
+        ("trainer.max_step=3", "unknown key 'trainer.max_step' (not a lightning.Trainer argument)"),
+        ("model.llm.path=some/dir", "set exactly one of 'model.llm.path'"),
+        ("optim.lr_per_part={vision: 0.1}", "'optim.lr_per_part.vision' = 'vision' is not valid"),
+        ("novalue", "is not key=value"),
+    ],
+)
 def test_validation_errors_name_the_key(tmp_path, override, needle):
     exp = write(tmp_path, "base.yaml", BASE)
     with pytest.raises(ConfigError) as err:

@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from datamodules import SFTDataModule, generate_shapes
 from datamodules.llava_data import DataError
@@ -20,8 +19,17 @@ N = 9  # image tokens per image in these tests
 
 
 def make_dm(tokenizer, train_json, image_folder, **kw) -> SFTDataModule:
-    args = dict(image_size=32, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, num_image_tokens=N,
-                train_json=train_json, image_folder=image_folder, template="chatml", max_length=64, batch_size=4)
+    args = dict(
+        image_size=32,
+        pixel_mean=(0.5,) * 3,
+        pixel_std=(0.5,) * 3,
+        num_image_tokens=N,
+        train_json=train_json,
+        image_folder=image_folder,
+        template="chatml",
+        max_length=64,
+        batch_size=4,
+    )
     args.update(kw)
     return SFTDataModule(tokenizer, **args)
 
@@ -34,10 +42,18 @@ def write_records(tmp_path, records, name="data.json") -> str:
 
 def test_placeholder_expansion_and_mixed_batch(tokenizer, shapes_root, tmp_path):
     records = [
-        {"id": "img", "image": "images/000000.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat shape are they?"}, {"from": "gpt", "value": "cross"}]},
-        {"id": "txt", "conversations": [{"from": "human", "value": "What color is grass?"},
-                                        {"from": "gpt", "value": "green"}]},
+        {
+            "id": "img",
+            "image": "images/000000.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape are they?"},
+                {"from": "gpt", "value": "cross"},
+            ],
+        },
+        {
+            "id": "txt",
+            "conversations": [{"from": "human", "value": "What color is grass?"}, {"from": "gpt", "value": "green"}],
+        },
     ]
     dm = make_dm(tokenizer, write_records(tmp_path, records), shapes_root)
     dm.setup()
@@ -66,7 +82,10 @@ def test_builtin_dataset_is_deterministic_and_answerable(tmp_path):
     b = generate_shapes(str(tmp_path / "b"), seed=3, image_size=32, num_train=20, num_val=5)
     for name in ("align.json", "sft_train.json", "sft_val.json"):
         assert open(os.path.join(a, name)).read() == open(os.path.join(b, name)).read()
-    assert open(os.path.join(a, "images/000007.png"), "rb").read() == open(os.path.join(b, "images/000007.png"), "rb").read()
+    assert (
+        open(os.path.join(a, "images/000007.png"), "rb").read()
+        == open(os.path.join(b, "images/000007.png"), "rb").read()
+    )
     val = json.load(open(os.path.join(a, "sft_val.json")))
     assert len(val) == 5 and all(r["conversations"][0]["value"].startswith("<image>") for r in val)
     # Each question kind has >= 4 possible answers (chance <= 25%), and answers follow from the render.
@@ -87,7 +106,7 @@ def test_length_grouped_sampler_groups_modality_and_is_resumable():
     s = GroupedSampler(lengths, has_image, batch_size=4, group_by_length=True, seed=1)
     order = list(s)
     assert sorted(order) == list(range(200))
-    full = [order[k:k + 4] for k in range(0, len(order), 4)]
+    full = [order[k : k + 4] for k in range(0, len(order), 4)]
     mixed = [b for b in full if len({has_image[i] for i in b}) > 1]
     assert len(mixed) <= 1  # only the ragged tail may mix
     s.skip(12)
@@ -99,8 +118,11 @@ def test_length_grouped_sampler_groups_modality_and_is_resumable():
 
 # ---- bad input --------------------------------------------------------------------------------
 
-GOOD = {"id": "ok", "image": "images/000000.png",
-        "conversations": [{"from": "human", "value": "<image>\nWhat shape are they?"}, {"from": "gpt", "value": "x"}]}
+GOOD = {
+    "id": "ok",
+    "image": "images/000000.png",
+    "conversations": [{"from": "human", "value": "<image>\nWhat shape are they?"}, {"from": "gpt", "value": "x"}],
+}
 
 
 def bad(**change):
@@ -113,16 +135,31 @@ def bad(**change):
 BAD_RECORDS = {
     "missing image": (bad(image="images/nope.png"), "missing image file: .*nope.png"),
     "no conversations": (bad(conversations=[]), "no conversations"),
-    "broken order": (bad(conversations=[{"from": "gpt", "value": "<image> a"}, {"from": "human", "value": "b"}]),
-                     "turn 0 is from 'gpt', expected 'human'"),
-    "placeholder without image": ({"id": "bad", "conversations": GOOD["conversations"]},
-                                  "placeholder count mismatch: 1 <image> in the text, 0 image"),
-    "image without placeholder": (bad(conversations=[{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]),
-                                  "placeholder count mismatch: 0 <image> in the text, 1 image"),
-    "two placeholders": (bad(conversations=[{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]),
-                         "placeholder count mismatch: 2"),
-    "too long": (bad(conversations=[{"from": "human", "value": "<image>\n" + "What shape are they? " * 10},
-                                    {"from": "gpt", "value": "x"}]), "too long: .* > max_length 64"),
+    "broken order": (
+        bad(conversations=[{"from": "gpt", "value": "<image> a"}, {"from": "human", "value": "b"}]),
+        "turn 0 is from 'gpt', expected 'human'",
+    ),
+    "placeholder without image": (
+        {"id": "bad", "conversations": GOOD["conversations"]},
+        "placeholder count mismatch: 1 <image> in the text, 0 image",
+    ),
+    "image without placeholder": (
+        bad(conversations=[{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]),
+        "placeholder count mismatch: 0 <image> in the text, 1 image",
+    ),
+    "two placeholders": (
+        bad(conversations=[{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]),
+        "placeholder count mismatch: 2",
+    ),
+    "too long": (
+        bad(
+            conversations=[
+                {"from": "human", "value": "<image>\n" + "What shape are they? " * 10},
+                {"from": "gpt", "value": "x"},
+            ]
+        ),
+        "too long: .* > max_length 64",
+    ),
 }
 
 

@@ -15,8 +15,16 @@ from lit_modules.describe import build_on_meta, describe
 
 # Llama-2-7B / Vicuna-7B-v1.5 shape. Every key is given: an override merges into the quickstart's inline
 # config, so e.g. its num_key_value_heads: 4 would otherwise stay.
-LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+LLAMA_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 LLAMA_7B_OVERRIDE = "model.llm.config={" + ", ".join(f"{k}: {v}" for k, v in LLAMA_7B.items()) + "}"
 
 
@@ -49,8 +57,10 @@ def test_hand_formulas():
 
 def full_size(*overrides: str):
     """The quickstart turned into LLaVA-1.5-7B's shapes: CLIP-L/14-336, mlp2x_gelu, Llama-7B, 2048 tokens."""
-    return load_config(None, ["model.encoder.name=clip_vit_l_336", LLAMA_7B_OVERRIDE, "data.max_length=2048",
-                              "trainable=null", *overrides])
+    return load_config(
+        None,
+        ["model.encoder.name=clip_vit_l_336", LLAMA_7B_OVERRIDE, "data.max_length=2048", "trainable=null", *overrides],
+    )
 
 
 def test_llava15_shapes_in_seconds():
@@ -78,10 +88,17 @@ def test_sft_trains_projector_and_llm():
 
 
 def test_sam_with_conv_reducer():
-    cfg = full_size("stage=align", "model.encoder={name: sam_vit_b, checkpoint: nowhere/sam_vit_b_01ec64.pth}",
-                    "model.reducer={name: conv}")
-    assert counts(build_on_meta(cfg)) == {"encoder": SAM_VIT_B, "reducer": CONV_REDUCER,
-                                          "projector": mlp2x_gelu_params(1024, 4096), "llm": LLAMA_7B_PARAMS}
+    cfg = full_size(
+        "stage=align",
+        "model.encoder={name: sam_vit_b, checkpoint: nowhere/sam_vit_b_01ec64.pth}",
+        "model.reducer={name: conv}",
+    )
+    assert counts(build_on_meta(cfg)) == {
+        "encoder": SAM_VIT_B,
+        "reducer": CONV_REDUCER,
+        "projector": mlp2x_gelu_params(1024, 4096),
+        "llm": LLAMA_7B_PARAMS,
+    }
     text = describe(cfg)
     assert "sam_vit_b: nowhere/sam_vit_b_01ec64.pth (not on this machine)" in text
     assert f"reducer          {CONV_REDUCER:,}       {CONV_REDUCER:,}" in text  # align trains the reducer
@@ -94,8 +111,10 @@ def test_matches_the_real_build(tiny_cfg):
 
     cfg = tiny_cfg()
     module = build_model(cfg)  # the tiny tokenizer fits in the config's vocabulary: no resize
-    real = {part: (sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad))
-            for part, ps in module.model.parts().items()}
+    real = {
+        part: (sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad))
+        for part, ps in module.model.parts().items()
+    }
     assert counts(build_on_meta(cfg)) == {part: total for part, (total, _) in real.items()}
     text = describe(cfg)
     for part, (total, trainable) in real.items():
@@ -107,8 +126,9 @@ def test_matches_the_real_build(tiny_cfg):
 
 def test_llm_config_from_a_local_directory(tmp_path):
     LlamaConfig(**{k: v for k, v in LLAMA_7B.items() if k != "model_type"}).save_pretrained(tmp_path)
-    cfg = load_config(None, ["model.encoder.name=clip_vit_l_336", "model.llm.config=null",
-                             f"model.llm.path={tmp_path}"])
+    cfg = load_config(
+        None, ["model.encoder.name=clip_vit_l_336", "model.llm.config=null", f"model.llm.path={tmp_path}"]
+    )
     assert counts(build_on_meta(cfg))["llm"] == LLAMA_7B_PARAMS
     assert f"llama: {tmp_path}" in describe(cfg)  # on this machine: no "(not on this machine)"
 
@@ -125,8 +145,9 @@ def test_missing_llm_config_says_how_to_pass_one(tmp_path):
 
 
 def test_clip_family_reads_its_architecture_from_the_checkpoint(tmp_path):
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
-                patch_size=8)
+    tiny = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+    )
     CLIPVisionModel(CLIPVisionConfig(**tiny)).save_pretrained(tmp_path)
     cfg = load_config(None, [f"model.encoder={{name: clip, checkpoint: {tmp_path}}}"])
     model = build_on_meta(cfg)

@@ -25,8 +25,9 @@ from encoders.registry import _BUILDERS, get_builder
 
 REGISTERED = sorted(_BUILDERS)
 
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
-                 patch_size=8)
+TINY_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
+)
 TINY_TIMM_KWARGS = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
 
 # registry name -> (name to build, keyword arguments): small enough for a CPU forward + backward in about
@@ -59,8 +60,11 @@ def vit_params(width: int, mlp: int, blocks: int, patch: int, side: int, patch_b
 CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
 FULL_SIZE = {
     # pre_layrnorm (2 * 1024) on top of the ViT; the patch conv has no bias
-    "clip": ("clip", {"config": dict(CLIP_L, image_size=336)},
-             (336, (24, 24), 1024, vit_params(1024, 4096, 23, 14, 336, False) + 2048)),
+    "clip": (
+        "clip",
+        {"config": dict(CLIP_L, image_size=336)},
+        (336, (24, 24), 1024, vit_params(1024, 4096, 23, 14, 336, False) + 2048),
+    ),
     "clip_vit_l_336": ("clip_vit_l_336", {}, (336, (24, 24), 1024, 290_909_184)),
     "clip_vit_l_224": ("clip_vit_l_224", {}, (224, (16, 16), 1024, 290_581_504)),
     "sam_vit_b": ("sam_vit_b", {}, (1024, (64, 64), 256, 89_670_912)),  # official ImageEncoderViT count
@@ -162,8 +166,11 @@ def test_bf16_autocast(name):
 def _forward_backward(encoder: VisionEncoder, x: torch.Tensor, upstream: torch.Tensor):
     encoder.zero_grad(set_to_none=True)
     linear_calls = []
-    hooks = [m.register_forward_hook(lambda *_: linear_calls.append(1)) for m in encoder.modules()
-             if isinstance(m, nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda *_: linear_calls.append(1))
+        for m in encoder.modules()
+        if isinstance(m, nn.Linear)
+    ]
     tokens = encoder(x)
     (tokens * upstream).sum().backward()
     for h in hooks:
@@ -192,6 +199,7 @@ def test_grad_checkpointing_keeps_outputs_and_gradients(name):
 
 # ---- CLIP: parity with transformers' CLIPVisionModel ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny CLIPVisionModel saved with save_pretrained, and the unpruned reference model."""
@@ -202,8 +210,9 @@ def clip_dir(tmp_path_factory):
     return str(path), reference
 
 
-@pytest.mark.parametrize("select_layer, select_feature", [(-2, "patch"), (-1, "patch"), (-2, "cls_patch"),
-                                                          (0, "patch"), (1, "cls_patch")])
+@pytest.mark.parametrize(
+    "select_layer, select_feature", [(-2, "patch"), (-1, "patch"), (-2, "cls_patch"), (0, "patch"), (1, "cls_patch")]
+)
 def test_clip_matches_transformers_hidden_states(clip_dir, select_layer, select_feature):
     path, reference = clip_dir
     encoder = build_encoder("clip", checkpoint=path, select_layer=select_layer, select_feature=select_feature).eval()
@@ -222,8 +231,15 @@ def test_clip_matches_transformers_hidden_states(clip_dir, select_layer, select_
 def test_clip_loads_vision_tower_of_full_clip_and_its_normalisation(tmp_path):
     # openai/clip-vit-large-patch14-336 is a whole CLIPModel (text tower too) with a preprocessor_config.json
     torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
-                bos_token_id=0, eos_token_id=1)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     full = CLIPModel(CLIPConfig(vision_config=TINY_CLIP, text_config=text, projection_dim=16)).eval()
     full.save_pretrained(tmp_path)
     mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
@@ -270,6 +286,7 @@ def test_clip_mismatched_keys_are_listed(clip_dir, tmp_path):
 
 # ---- timm: the selected block of the unpruned model ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def timm_file(tmp_path_factory):
     """A tiny timm ViT's weights as timm saves them (classifier head included) and the unpruned model."""
@@ -284,8 +301,13 @@ def timm_file(tmp_path_factory):
 @pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
 def test_timm_select_layer_picks_that_block(timm_file, select_layer):
     path, reference = timm_file
-    encoder = build_encoder("timm:vit_tiny_patch16_224", checkpoint=path, image_size=32, select_layer=select_layer,
-                            model_kwargs=TINY_TIMM_KWARGS).eval()
+    encoder = build_encoder(
+        "timm:vit_tiny_patch16_224",
+        checkpoint=path,
+        image_size=32,
+        select_layer=select_layer,
+        model_kwargs=TINY_TIMM_KWARGS,
+    ).eval()
     block = select_layer % TINY_TIMM_KWARGS["depth"]
     assert len(encoder.model.blocks) == block + 1  # later blocks pruned
     x = pixels(encoder)
@@ -296,7 +318,7 @@ def test_timm_select_layer_picks_that_block(timm_file, select_layer):
         h = reference.norm_pre(reference._pos_embed(reference.patch_embed(x)))
         for blk in reference.blocks[: block + 1]:
             h = blk(h)
-        torch.testing.assert_close(encoder(x), h[:, reference.num_prefix_tokens:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(encoder(x), h[:, reference.num_prefix_tokens :], rtol=1e-5, atol=1e-6)
 
 
 def test_timm_mismatched_keys_are_listed(timm_file, tmp_path):
@@ -319,6 +341,7 @@ def test_timm_unknown_model_name():
 
 
 # ---- registry errors ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_missing_checkpoint_names_the_path(name, tmp_path):

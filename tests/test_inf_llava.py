@@ -15,8 +15,15 @@ INF_QUICKSTART = os.path.join(EXPERIMENTS_DIR, "inf_llava", "quickstart.yaml")
 
 
 def test_quickstart_fits_and_checkpoints_keep_the_dem(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_steps=2", "trainer.limit_val_batches=1", "checkpoint.every_n_train_steps=1",
-                   "stage=align", "trainable=null", "data.template=null", path=INF_QUICKSTART)
+    cfg = tiny_cfg(
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        "checkpoint.every_n_train_steps=1",
+        "stage=align",
+        "trainable=null",
+        "data.template=null",
+        path=INF_QUICKSTART,
+    )
     module = build_model(cfg)
     vision = module.model.vision
     assert isinstance(vision, DualPerspective) and vision.image_size == 3 * 32
@@ -34,8 +41,9 @@ def test_quickstart_fits_and_checkpoints_keep_the_dem(tiny_cfg, tmp_path):
     assert "model.vision.dem.attention.linears.0.weight" in dem_keys and "model.vision.dem.ln_fuse.weight" in dem_keys
     trained = trainer.lightning_module.model.vision.dem
     assert any(not torch.equal(before[n], p) for n, p in trained.named_parameters())  # the DEM trained
-    assert not any(k.startswith("model.vision.inner.") for k in state["state_dict"]
-                   if "weight" in k)  # the frozen encoder is not saved in stage 1
+    assert not any(
+        k.startswith("model.vision.inner.") for k in state["state_dict"] if "weight" in k
+    )  # the frozen encoder is not saved in stage 1
 
 
 def test_mm_projector_bin_loads_dem_and_projector(tiny_cfg, tmp_path):

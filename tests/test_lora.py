@@ -55,8 +55,17 @@ def _optimizer_groups(module):
 def test_lora_round_trip_save_merge_load_gives_the_same_logits(tiny_cfg, base_llm, tmp_path):
     from tests.test_train import fit
 
-    trainer = fit(lora_cfg(tiny_cfg, base_llm, "trainer.max_steps=3", "trainer.limit_val_batches=0",
-                           "checkpoint.every_n_train_steps=3", "optim.lr=0.01", "optim.warmup_ratio=0"))
+    trainer = fit(
+        lora_cfg(
+            tiny_cfg,
+            base_llm,
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "checkpoint.every_n_train_steps=3",
+            "optim.lr=0.01",
+            "optim.warmup_ratio=0",
+        )
+    )
     ckpt = os.path.join(trainer.logger.log_dir, "checkpoints", "last.ckpt")
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     assert any("lora_B" in k for k in state) and any(k.startswith("model.projector.") for k in state)
@@ -71,8 +80,7 @@ def test_lora_round_trip_save_merge_load_gives_the_same_logits(tiny_cfg, base_ll
     assert not hasattr(plain.model.llm, "peft_config")
     plain.load_state_dict(torch.load(merged_ckpt, weights_only=False)["state_dict"], strict=True)
     base = build_model(tiny_cfg("model.llm.config=null", f"model.llm.path={base_llm}"))  # no adapters folded in
-    base.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("model.llm.")},
-                         strict=False)
+    base.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("model.llm.")}, strict=False)
 
     dm = build_datamodule(cfg, lora)
     dm.setup("fit")
@@ -81,16 +89,21 @@ def test_lora_round_trip_save_merge_load_gives_the_same_logits(tiny_cfg, base_ll
         logits = [m.eval()(batch).logits for m in (lora, plain, base)]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
     assert (logits[2] - logits[0]).abs().max() > 1e-3  # the adapters matter, so equal logits mean a real merge
-    gen = [m.model.generate(batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], 4, m.stop_ids,
-                            m.tokenizer.pad_token_id) for m in (lora, plain)]
+    gen = [
+        m.model.generate(
+            batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"], 4, m.stop_ids, m.tokenizer.pad_token_id
+        )
+        for m in (lora, plain)
+    ]
     assert gen[0] == gen[1]
 
 
 def test_merge_refuses_a_random_init_base(tiny_cfg, tmp_path):
     from tests.test_train import fit
 
-    trainer = fit(tiny_cfg(LORA, "trainer.max_steps=1", "trainer.limit_val_batches=0",
-                           "checkpoint.every_n_train_steps=1"))
+    trainer = fit(
+        tiny_cfg(LORA, "trainer.max_steps=1", "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=1")
+    )
     with pytest.raises(ValueError, match="randomly initialised"):
         merge_lora(os.path.join(trainer.logger.log_dir, "checkpoints", "last.ckpt"), str(tmp_path / "out"))
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlamaForCausalLM
+from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 from encoders import build_encoder
 from lit_modules.projector import build_projector
 from lit_modules.vlm import VisionLanguageModel
 from lit_modules.vlm_module import VLMModule
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-              patch_size=7)
-TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=100)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+)
+TEXT = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
 IMAGE_ID = 99
 N = (28 // 7) ** 2
 
@@ -23,16 +30,29 @@ N = (28 // 7) ** 2
 def pair(tmp_path_factory):
     """A random transformers LLaVA and our module holding the same weights."""
     torch.manual_seed(0)
-    ref = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMAGE_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")).eval()
+    ref = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=CLIPVisionConfig(**VISION),
+            text_config=LlamaConfig(**TEXT),
+            image_token_index=IMAGE_ID,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+        )
+    ).eval()
     clip_dir = tmp_path_factory.mktemp("clip")
     ref.model.vision_tower.save_pretrained(clip_dir)  # our encoder loads it the way a user would
     vision = build_encoder("clip", checkpoint=str(clip_dir))
     projector = build_projector("mlp2x_gelu", 32, 48)
     p = ref.model.multi_modal_projector
-    projector.load_state_dict({"0.weight": p.linear_1.weight, "0.bias": p.linear_1.bias,
-                               "2.weight": p.linear_2.weight, "2.bias": p.linear_2.bias})
+    projector.load_state_dict(
+        {
+            "0.weight": p.linear_1.weight,
+            "0.bias": p.linear_1.bias,
+            "2.weight": p.linear_2.weight,
+            "2.bias": p.linear_2.bias,
+        }
+    )
     llm = LlamaForCausalLM(LlamaConfig(**TEXT))
     llm.model.load_state_dict(ref.model.language_model.state_dict())
     llm.lm_head.load_state_dict(ref.lm_head.state_dict())
@@ -44,8 +64,8 @@ def test_logits_match_transformers_llava(pair):
     torch.manual_seed(1)
     pixels = torch.randn(2, 3, 28, 28)
     ids = torch.randint(0, 90, (2, 30))
-    ids[0, 3:3 + N] = IMAGE_ID
-    ids[1, 10:10 + N] = IMAGE_ID
+    ids[0, 3 : 3 + N] = IMAGE_ID
+    ids[1, 10 : 10 + N] = IMAGE_ID
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0
     with torch.no_grad():
@@ -68,7 +88,7 @@ def test_image_embeddings_are_the_projected_penultimate_layer(pair):
 def test_placeholder_count_mismatch_is_an_error(pair):
     _, ours = pair
     ids = torch.randint(0, 90, (1, 30))
-    ids[0, :N - 1] = IMAGE_ID
+    ids[0, : N - 1] = IMAGE_ID
     with pytest.raises(ValueError, match=f"{N - 1} image tokens but 1 image"):
         ours(ids, pixel_values=torch.randn(1, 3, 28, 28))
     with pytest.raises(ValueError, match="no pixel_values"):
@@ -80,14 +100,16 @@ def test_batched_left_padded_generation_equals_one_by_one(pair):
     torch.manual_seed(2)
     prompts = [torch.cat([torch.full((N,), IMAGE_ID), torch.randint(0, 90, (k,))]) for k in (3, 7)]
     pixels = torch.randn(2, 3, 28, 28)
-    single = [ours.generate(p[None], torch.ones(1, len(p), dtype=torch.long), pixels[i:i + 1], 6, [0], 0)[0]
-              for i, p in enumerate(prompts)]
+    single = [
+        ours.generate(p[None], torch.ones(1, len(p), dtype=torch.long), pixels[i : i + 1], 6, [0], 0)[0]
+        for i, p in enumerate(prompts)
+    ]
     P = max(len(p) for p in prompts)
     ids = torch.zeros(2, P, dtype=torch.long)
     mask = torch.zeros(2, P, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = p
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = p
+        mask[i, P - len(p) :] = 1
     batched = ours.generate(ids, mask, pixels, 6, [0], 0)
     assert batched == single and all(len(s) > 0 for s in single)
 

@@ -17,8 +17,13 @@ from train import main
 @pytest.mark.slow
 def test_quickstart_reaches_90_percent_exact_match(tmp_path):
     start = time.perf_counter()
-    trainer = main([f"data.builtin.root={tmp_path / 'shapes'}", f"logging.root={tmp_path / 'runs'}",
-                    "trainer.enable_progress_bar=false"])
+    trainer = main(
+        [
+            f"data.builtin.root={tmp_path / 'shapes'}",
+            f"logging.root={tmp_path / 'runs'}",
+            "trainer.enable_progress_bar=false",
+        ]
+    )
     minutes = (time.perf_counter() - start) / 60
     ea = EventAccumulator(trainer.logger.log_dir)
     ea.Reload()

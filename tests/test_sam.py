@@ -63,7 +63,11 @@ def test_parameter_count_matches_official():
     with torch.device("meta"):
         ours = build_encoder("sam_vit_b")
         reference = ImageEncoderViT(
-            depth=12, embed_dim=768, num_heads=12, use_rel_pos=True, window_size=14,
+            depth=12,
+            embed_dim=768,
+            num_heads=12,
+            use_rel_pos=True,
+            window_size=14,
             global_attn_indexes=list(GLOBAL_BLOCKS),
         )
     assert sum(p.numel() for p in ours.parameters()) == SAM_VIT_B_PARAMS
@@ -255,8 +259,14 @@ def test_wrong_input_size():
 def tiny_sam() -> SamImageEncoder:
     """A small SAM-shaped encoder: 128 px, 8x8 grid, 4x4 windows (padded 8 -> 8), block 1 global."""
     return SamImageEncoder(
-        image_size=128, patch_size=16, width=32, depth=2, num_heads=2,
-        window_size=4, global_attn_indexes=(1,), out_chans=16,
+        image_size=128,
+        patch_size=16,
+        width=32,
+        depth=2,
+        num_heads=2,
+        window_size=4,
+        global_attn_indexes=(1,),
+        out_chans=16,
     )
 
 

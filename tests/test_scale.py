@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from config import ConfigError
 from lit_modules.checkpoint_io import AtomicCheckpointIO
-from lit_modules.strategy import block_classes, build_strategy, check_strategy
+from lit_modules.strategy import block_classes, build_strategy
 from train import build_model, build_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +46,11 @@ def test_deepspeed_without_the_install_names_the_pip_command(tiny_cfg):
 
 
 def test_ddp_mapping_becomes_a_ddp_strategy_with_its_options(tiny_cfg):
-    cfg = tiny_cfg("trainer.strategy={name: ddp, find_unused_parameters: true, timeout: 600}",
-                   "trainer.accelerator=cpu", "trainer.devices=2")
+    cfg = tiny_cfg(
+        "trainer.strategy={name: ddp, find_unused_parameters: true, timeout: 600}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+    )
     trainer = build_trainer(cfg, None)
     assert isinstance(trainer.strategy, DDPStrategy)
     assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": True}
@@ -60,8 +63,7 @@ def test_fsdp_wraps_the_llm_layers_and_vision_blocks(tiny_cfg):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     module = build_model(tiny_cfg())
-    strategy = build_strategy({"name": "fsdp", "state_dict_type": "sharded", "activation_checkpointing": True},
-                              module)
+    strategy = build_strategy({"name": "fsdp", "state_dict_type": "sharded", "activation_checkpointing": True}, module)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"] is True  # frozen and trainable parameters share wrapped units
     assert strategy._state_dict_type == "sharded"
@@ -163,11 +165,24 @@ def _train(tmp_path, shapes_root, version: str, *extra: str) -> dict[int, float]
     from tests.conftest import tiny_overrides
 
     args = tiny_overrides(shapes_root, str(tmp_path / "runs")) + [
-        "trainer.max_steps=4", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
-        "optim.lr=0.01", "optim.warmup_ratio=0", f"logging.version={version}", *extra]
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=0",
+        "trainer.log_every_n_steps=1",
+        "trainer.accelerator=cpu",
+        "optim.lr=0.01",
+        "optim.warmup_ratio=0",
+        f"logging.version={version}",
+        *extra,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=500)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return _losses(str(tmp_path / "runs" / "quickstart" / version))
 
@@ -190,5 +205,5 @@ def test_ranks_split_each_global_batch(shapes_root, tokenizer):
     whole = list(GroupedSampler(lengths, images, batch_size=8, seed=3))
     ranks = [list(GroupedSampler(lengths, images, batch_size=4, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
     for k in range(6):  # global batch k = rank 0's k-th batch + rank 1's k-th batch
-        assert sorted(ranks[0][4 * k:4 * k + 4] + ranks[1][4 * k:4 * k + 4]) == sorted(whole[8 * k:8 * k + 8])
-        assert ranks[1][4 * k:4 * k + 4] == whole[8 * k + 1:8 * k + 8:2]
+        assert sorted(ranks[0][4 * k : 4 * k + 4] + ranks[1][4 * k : 4 * k + 4]) == sorted(whole[8 * k : 8 * k + 8])
+        assert ranks[1][4 * k : 4 * k + 4] == whole[8 * k + 1 : 8 * k + 8 : 2]

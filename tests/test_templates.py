@@ -12,8 +12,10 @@ from datamodules.templates import IGNORE_INDEX, TemplateError, encode
 X = None  # marks a masked position in the expected labels
 
 TWO_TURNS = [
-    {"from": "human", "value": "<image>\nWhat color are the shapes?"}, {"from": "gpt", "value": "red"},
-    {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"},
+    {"from": "human", "value": "<image>\nWhat color are the shapes?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "How many shapes are there?"},
+    {"from": "gpt", "value": "two"},
 ]
 
 
@@ -34,24 +36,83 @@ def trained(*tokens: str) -> list[tuple[str, bool]]:
 
 def test_chatml_multi_turn(tokenizer):
     enc = encode(tokenizer, TWO_TURNS, "chatml")
-    check(tokenizer, enc,
-          masked("<|im_start|>", "user", "<image>", "What", "color", "are", "the", "shapes", "?", "<|im_end|>",
-                 "<|im_start|>", "assistant") + trained("red", "<|im_end|>")
-          + masked("<|im_start|>", "user", "How", "many", "shapes", "are", "there", "?", "<|im_end|>",
-                   "<|im_start|>", "assistant") + trained("two", "<|im_end|>"))
+    check(
+        tokenizer,
+        enc,
+        masked(
+            "<|im_start|>",
+            "user",
+            "<image>",
+            "What",
+            "color",
+            "are",
+            "the",
+            "shapes",
+            "?",
+            "<|im_end|>",
+            "<|im_start|>",
+            "assistant",
+        )
+        + trained("red", "<|im_end|>")
+        + masked(
+            "<|im_start|>",
+            "user",
+            "How",
+            "many",
+            "shapes",
+            "are",
+            "there",
+            "?",
+            "<|im_end|>",
+            "<|im_start|>",
+            "assistant",
+        )
+        + trained("two", "<|im_end|>"),
+    )
     # The generation prompt is the conversation up to the last answer, ending with the assistant header.
-    assert tokenizer.convert_ids_to_tokens(enc.prompt_ids) == [t for t, _ in masked(
-        "<|im_start|>", "user", "<image>", "What", "color", "are", "the", "shapes", "?", "<|im_end|>",
-        "<|im_start|>", "assistant", "red", "<|im_end|>", "<|im_start|>", "user", "How", "many", "shapes", "are",
-        "there", "?", "<|im_end|>", "<|im_start|>", "assistant")]
+    assert tokenizer.convert_ids_to_tokens(enc.prompt_ids) == [
+        t
+        for t, _ in masked(
+            "<|im_start|>",
+            "user",
+            "<image>",
+            "What",
+            "color",
+            "are",
+            "the",
+            "shapes",
+            "?",
+            "<|im_end|>",
+            "<|im_start|>",
+            "assistant",
+            "red",
+            "<|im_end|>",
+            "<|im_start|>",
+            "user",
+            "How",
+            "many",
+            "shapes",
+            "are",
+            "there",
+            "?",
+            "<|im_end|>",
+            "<|im_start|>",
+            "assistant",
+        )
+    ]
     assert enc.answer == "two"
 
 
 def test_text_only_record(tokenizer):
-    enc = encode(tokenizer, [{"from": "human", "value": "What color is grass?"}, {"from": "gpt", "value": "green"}],
-                 "chatml")
-    check(tokenizer, enc, masked("<|im_start|>", "user", "What", "color", "is", "grass", "?", "<|im_end|>",
-                                 "<|im_start|>", "assistant") + trained("green", "<|im_end|>"))
+    enc = encode(
+        tokenizer, [{"from": "human", "value": "What color is grass?"}, {"from": "gpt", "value": "green"}], "chatml"
+    )
+    check(
+        tokenizer,
+        enc,
+        masked("<|im_start|>", "user", "What", "color", "is", "grass", "?", "<|im_end|>", "<|im_start|>", "assistant")
+        + trained("green", "<|im_end|>"),
+    )
 
 
 def test_plain_alignment(tokenizer):
@@ -75,35 +136,70 @@ def llama3_words():
     vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", additional_special_tokens=specials
+    )
 
 
 def test_llama3_multi_turn_with_system(llama3_words):
-    turns = [{"from": "human", "value": "<image>\nWhat color ?"}, {"from": "gpt", "value": "red"},
-             {"from": "human", "value": "How many ?"}, {"from": "gpt", "value": "two"}]
+    turns = [
+        {"from": "human", "value": "<image>\nWhat color ?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "How many ?"},
+        {"from": "gpt", "value": "two"},
+    ]
     enc = encode(llama3_words, turns, "llama3", system="Be brief .")
     H, E, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
-    check(llama3_words, enc,
-          masked("<|begin_of_text|>", H, "system", E, "Be", "brief", ".", EOT, H, "user", E, "<image>", "What",
-                 "color", "?", EOT, H, "assistant", E) + trained("red", EOT)
-          + masked(H, "user", E, "How", "many", "?", EOT, H, "assistant", E) + trained("two", EOT))
+    check(
+        llama3_words,
+        enc,
+        masked(
+            "<|begin_of_text|>",
+            H,
+            "system",
+            E,
+            "Be",
+            "brief",
+            ".",
+            EOT,
+            H,
+            "user",
+            E,
+            "<image>",
+            "What",
+            "color",
+            "?",
+            EOT,
+            H,
+            "assistant",
+            E,
+        )
+        + trained("red", EOT)
+        + masked(H, "user", E, "How", "many", "?", EOT, H, "assistant", E)
+        + trained("two", EOT),
+    )
 
 
 def test_vicuna_v1(llama3_words):
     turns = [{"from": "human", "value": "What color ?"}, {"from": "gpt", "value": "red"}]
     enc = encode(llama3_words, turns, "vicuna_v1", system="Be brief .")
-    check(llama3_words, enc, masked("<s>", "Be", "brief", ".", "USER", ":", "What", "color", "?", "ASSISTANT", ":")
-          + trained("red", "</s>"))
+    check(
+        llama3_words,
+        enc,
+        masked("<s>", "Be", "brief", ".", "USER", ":", "What", "color", "?", "ASSISTANT", ":") + trained("red", "</s>"),
+    )
 
 
-@pytest.mark.parametrize("turns, needle", [
-    ([], "no conversations"),
-    ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "turn 0 is from 'gpt', expected 'human'"),
-    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human', expected 'gpt'"),
-    ([{"from": "human", "value": "a"}], "ends with a human turn"),
-    ([{"value": "a"}], "turn 0 is not"),
-])
+@pytest.mark.parametrize(
+    "turns, needle",
+    [
+        ([], "no conversations"),
+        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "turn 0 is from 'gpt', expected 'human'"),
+        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human', expected 'gpt'"),
+        ([{"from": "human", "value": "a"}], "ends with a human turn"),
+        ([{"value": "a"}], "turn 0 is not"),
+    ],
+)
 def test_broken_conversations(tokenizer, turns, needle):
     with pytest.raises(TemplateError, match=needle):
         encode(tokenizer, turns, "chatml")

@@ -115,8 +115,14 @@ def test_gradients_reach_reducer_not_frozen_inner():
 def test_wraps_sam():
     torch.manual_seed(0)
     sam = SamImageEncoder(
-        image_size=128, patch_size=16, width=32, depth=2, num_heads=2,
-        window_size=4, global_attn_indexes=(1,), out_chans=16,
+        image_size=128,
+        patch_size=16,
+        width=32,
+        depth=2,
+        num_heads=2,
+        window_size=4,
+        global_attn_indexes=(1,),
+        out_chans=16,
     )
     reducer = build_token_reducer(sam, "conv", channels=(24, 48))
     assert reducer(torch.randn(1, 3, 128, 128)).shape == (1, 4, 48)  # 8x8 -> 2x2

@@ -43,16 +43,24 @@ def fit(cfg, resume=None, *callbacks) -> L.Trainer:
 
 
 def test_quickstart_fit_logs_everything(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_steps=12", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-                   "trainer.val_check_interval=3")
+    cfg = tiny_cfg(
+        "trainer.max_steps=12", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3"
+    )
     trainer = main_with(cfg, tmp_path)
     run = trainer.logger.log_dir
     assert yaml.safe_load(open(os.path.join(run, "config.yaml")))["name"] == "quickstart"
     ea = EventAccumulator(run, size_guidance={"images": 0, "tensors": 0})
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    for tag in ("train/loss", "val/loss", "val/exact_match", "hparams/val_exact_match", "hparams/val_loss",
-                "train/device/samples_per_sec", "train/device/items_per_sec"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "val/exact_match",
+        "hparams/val_exact_match",
+        "hparams/val_loss",
+        "train/device/samples_per_sec",
+        "train/device/items_per_sec",
+    ):
         assert tag in scalars, (tag, " ".join(sorted(scalars)))
     assert any(t.startswith("lr-AdamW") for t in scalars)
     assert "val/images" in ea.Tags()["images"]
@@ -74,8 +82,12 @@ def main_with(cfg, tmp_path) -> L.Trainer:
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(tiny_cfg):
-    common = ("trainer.max_epochs=2", "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=2",
-              "optim.lr=0.01")
+    common = (
+        "trainer.max_epochs=2",
+        "trainer.limit_val_batches=0",
+        "checkpoint.every_n_train_steps=2",
+        "optim.lr=0.01",
+    )
     full = LossRecorder()
     fit(tiny_cfg(*common, "trainer.max_steps=10", "logging.version=full"), None, full)
     # An interrupted run dies after 4 of its ~7 batches per epoch, then `resume=auto` continues it.
@@ -93,8 +105,17 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_cfg):
 
 
 def test_init_from_loads_alignment_weights(tiny_cfg, tmp_path):
-    align = fit(tiny_cfg("stage=align", "trainable=null", "trainer.max_steps=2", "trainer.limit_val_batches=0",
-                         "data.template=null", "logging.version=align", "checkpoint.every_n_train_steps=2"))
+    align = fit(
+        tiny_cfg(
+            "stage=align",
+            "trainable=null",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            "data.template=null",
+            "logging.version=align",
+            "checkpoint.every_n_train_steps=2",
+        )
+    )
     ckpt = os.path.join(align.logger.log_dir, "checkpoints", "last.ckpt")
     state = torch.load(ckpt, weights_only=False)
     assert {k.split(".")[1] for k in state["state_dict"] if "projector" in k} == {"projector"}
@@ -109,8 +130,9 @@ def test_init_from_loads_alignment_weights(tiny_cfg, tmp_path):
 def test_cli_overrides(shapes_root, tmp_path):
     from tests.conftest import tiny_overrides
 
-    trainer = main(tiny_overrides(shapes_root, str(tmp_path / "runs")) + ["trainer.max_steps=1",
-                                                                          "trainer.limit_val_batches=1"])
+    trainer = main(
+        tiny_overrides(shapes_root, str(tmp_path / "runs")) + ["trainer.max_steps=1", "trainer.limit_val_batches=1"]
+    )
     assert trainer.global_step == 1
     assert glob.glob(str(tmp_path / "runs" / "quickstart" / "version_0" / "config.yaml"))
 
@@ -122,9 +144,16 @@ def test_skipped_records_are_counted_in_tensorboard(tiny_cfg, shapes_root, tmp_p
     records.append({"id": "broken", "image": "images/missing.png", "conversations": records[0]["conversations"]})
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
-    cfg = tiny_cfg("data.builtin=null", f"data.train_json={path}", f"data.image_folder={shapes_root}",
-                   f"model.tokenizer={shapes_root}/tokenizer", "data.val_fraction=0.25", "data.on_error=skip",
-                   "trainer.max_steps=1", "trainer.limit_val_batches=1")
+    cfg = tiny_cfg(
+        "data.builtin=null",
+        f"data.train_json={path}",
+        f"data.image_folder={shapes_root}",
+        f"model.tokenizer={shapes_root}/tokenizer",
+        "data.val_fraction=0.25",
+        "data.on_error=skip",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=1",
+    )
     trainer = fit(cfg)
     ea = EventAccumulator(trainer.logger.log_dir)
     ea.Reload()
