@@ -90,6 +90,7 @@ class DataConfig:
     val_batch_size: Optional[int] = None
     num_workers: int = 0
     group_by_length: bool = False
+    packing: bool = False  # pack training samples into rows of max_length (datamodules/packing.py)
     on_error: str = "raise"  # raise | skip
 
 

@@ -21,36 +21,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from config import load_config, save_config
 from datamodules import AlignmentDataModule, SFTDataModule, generate_shapes, load_tokenizer
+from datamodules.templates import stop_token_ids
 from lit_modules.build import build_vision, build_vlm
 from lit_modules.checkpoint_io import AtomicCheckpointIO
 from lit_modules.strategy import build_strategy
+from lit_modules.throughput import StepThroughput
 from lit_modules.vlm_module import VLMModule
+
+# `data` keys passed to the DataModule as they are (the rest locate the data: see data_paths).
+DATAMODULE_OPTIONS = ("template", "system_prompt", "max_length", "pad_to_square", "batch_size", "val_batch_size",
+                      "num_workers", "group_by_length", "packing", "on_error")  # fmt: skip
 
 
 def data_paths(cfg: DictConfig) -> dict:
     """train_json / val_json / image_folder / val_fraction, generating the built-in dataset if asked."""
     d = cfg.data
     if d.builtin is None:
-        return {
-            "train_json": d.train_json,
-            "val_json": d.val_json,
-            "image_folder": d.image_folder,
-            "val_fraction": d.val_fraction,
-        }
+        return dict(
+            train_json=d.train_json, val_json=d.val_json, image_folder=d.image_folder, val_fraction=d.val_fraction
+        )
     root = generate_shapes(**OmegaConf.to_container(d.builtin))
     if cfg.stage == "align":
-        return {
-            "train_json": f"{root}/align.json",
-            "val_json": None,
-            "image_folder": root,
-            "val_fraction": d.val_fraction or 0.05,
-        }
-    return {
-        "train_json": f"{root}/sft_train.json",
-        "val_json": f"{root}/sft_val.json",
-        "image_folder": root,
-        "val_fraction": 0.0,
-    }
+        return dict(
+            train_json=f"{root}/align.json", val_json=None, image_folder=root, val_fraction=d.val_fraction or 0.05
+        )
+    return dict(train_json=f"{root}/sft_train.json", val_json=f"{root}/sft_val.json", image_folder=root, val_fraction=0)
 
 
 def build_tokenizer(cfg: DictConfig):
@@ -65,26 +60,13 @@ def build_tokenizer(cfg: DictConfig):
 def build_model(cfg: DictConfig, tokenizer=None) -> VLMModule:
     tokenizer = tokenizer or build_tokenizer(cfg)
     template = cfg.data.template or ("plain" if cfg.stage == "align" else "chat_template")
-    from datamodules.templates import stop_token_ids
-
     o = cfg.optim
-    return VLMModule(
-        build_vlm(cfg.model, tokenizer),
-        tokenizer,
-        stage=cfg.stage,
-        trainable=cfg.trainable,
-        lr=o.lr,
-        lr_per_part=dict(o.lr_per_part),
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        warmup_ratio=o.warmup_ratio,
-        min_lr_ratio=o.min_lr_ratio,
-        stop_ids=stop_token_ids(tokenizer, template),
-        max_new_tokens=cfg.eval.max_new_tokens,
-        num_logged_samples=cfg.eval.num_logged_samples,
-        max_generate_batches=cfg.eval.max_generate_batches,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
+    return VLMModule(build_vlm(cfg.model, tokenizer), tokenizer, stage=cfg.stage, trainable=cfg.trainable,
+                     lr=o.lr, lr_per_part=dict(o.lr_per_part), weight_decay=o.weight_decay, betas=tuple(o.betas),
+                     warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
+                     stop_ids=stop_token_ids(tokenizer, template), max_new_tokens=cfg.eval.max_new_tokens,
+                     num_logged_samples=cfg.eval.num_logged_samples, max_generate_batches=cfg.eval.max_generate_batches,
+                     config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
 
 
 def build_datamodule(cfg: DictConfig, module: VLMModule | None = None):
@@ -93,27 +75,11 @@ def build_datamodule(cfg: DictConfig, module: VLMModule | None = None):
         vision, tokenizer = build_vision(cfg.model), build_tokenizer(cfg)
     else:
         vision, tokenizer = module.model.vision, module.tokenizer
-    d = cfg.data
     cls = AlignmentDataModule if cfg.stage == "align" else SFTDataModule
-    return cls(
-        tokenizer,
-        image_size=vision.image_size,
-        pixel_mean=vision.pixel_mean,
-        pixel_std=vision.pixel_std,
-        num_image_tokens=vision.num_tokens,
-        **data_paths(cfg),
-        template=d.template,
-        system_prompt=d.system_prompt,
-        max_length=d.max_length,
-        pad_to_square=d.pad_to_square,
-        batch_size=d.batch_size,
-        val_batch_size=d.val_batch_size,
-        num_workers=d.num_workers,
-        group_by_length=d.group_by_length,
-        on_error=d.on_error,
-        seed=cfg.seed,
-        image_token=cfg.model.image_token,
-    )
+    vision_spec = dict(image_size=vision.image_size, pixel_mean=vision.pixel_mean, pixel_std=vision.pixel_std)
+    data_options = {k: v for k, v in cfg.data.items() if k in DATAMODULE_OPTIONS}
+    return cls(tokenizer, **vision_spec, num_image_tokens=vision.num_tokens, **data_paths(cfg), **data_options,
+               seed=cfg.seed, image_token=cfg.model.image_token)  # fmt: skip
 
 
 def resolve_resume(cfg: DictConfig) -> str | None:
@@ -143,6 +109,8 @@ def build_trainer(cfg: DictConfig, resume: str | None, module: VLMModule | None 
             length_fn=lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0,
             window_size=10,
         ),
+        # image / text tokens/s, data-wait fraction, peak memory (lit_modules/throughput.py)
+        StepThroughput(every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
     ]
     args = OmegaConf.to_container(cfg.trainer)
     args["strategy"] = build_strategy(args.get("strategy"), module)

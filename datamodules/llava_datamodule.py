@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from datamodules.llava_data import LLaVADataset, Sample, check_records, collate, load_records
+from datamodules.packing import pack
 from datamodules.sampler import GroupedSampler
 from datamodules.templates import encode, stop_token_ids
 
@@ -79,6 +80,9 @@ class LLaVADataModule(L.LightningDataModule):
         val_batch_size: per-device validation batch size (default: batch_size).
         num_workers: DataLoader workers.
         group_by_length: group batches by modality and length.
+        packing: pack each training batch's samples into rows of up to max_length tokens, samples kept
+            apart by position ids (datamodules/packing.py); batch_size still counts samples. Validation
+            batches stay one sample per row.
         on_error: "raise" on the first bad record, or "skip" and count.
         seed: data order seed.
         image_token: placeholder string in the records.
@@ -106,6 +110,7 @@ class LLaVADataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         group_by_length: bool = False,
+        packing: bool = False,
         on_error: str = "raise",
         seed: int = 0,
         image_token: str = "<image>",
@@ -122,6 +127,7 @@ class LLaVADataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.group_by_length = group_by_length
+        self.packing = packing
         self.on_error = on_error
         self.seed = seed
         self.image_token = image_token
@@ -201,10 +207,15 @@ class LLaVADataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            collate_fn=self._collate_fn(train),
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _collate_fn(self, train: bool):
+        if train and self.packing:
+            return functools.partial(pack, max_length=self.max_length, pad_id=self.tokenizer.pad_token_id)
+        return functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)

@@ -84,14 +84,20 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
         """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
 
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
         (transformers' loss argument; VLMModule passes the global count / world size under DDP).
+        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample;
+        with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
         """
         embeds = self.embed(input_ids, pixel_values)
         extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+        if position_ids is not None:
+            # transformers only looks for packed samples in position_ids when there is no KV cache
+            extra.update(position_ids=position_ids, use_cache=False)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()

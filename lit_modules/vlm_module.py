@@ -7,10 +7,11 @@ import math
 import lightning as L
 import torch
 import torchvision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from lit_modules.flops import StepFlops
 from lit_modules.vlm import VisionLanguageModel
 
 # Parts that train in each stage unless the YAML lists `trainable` (LLaVA-1.5 / INF-LLaVA recipes).
@@ -74,6 +75,13 @@ class VLMModule(L.LightningModule):
         self.trainable_parts = self.set_stage(stage, trainable)
         self.strict_loading = False  # checkpoints leave out frozen weights; on_load_checkpoint checks the rest
         self._skipped = 0
+        self._flop_model: StepFlops | bool | None = None  # False: could not be built
+        self._flops_per_batch: int | None = None
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last training batch (lit_modules/flops.py); Lightning's ThroughputMonitor reads it."""
+        return self._flops_per_batch
 
     # ---- stage ---------------------------------------------------------------------------------
     def set_stage(self, stage: str, trainable: list[str] | None = None) -> tuple[str, ...]:
@@ -93,8 +101,12 @@ class VLMModule(L.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None):
+        # Packed rows (datamodules/packing.py) carry position_ids and go without a mask: transformers
+        # isolates their samples from the position resets only when no 2D attention mask is given.
+        position_ids = batch.get("position_ids")
+        mask = batch["attention_mask"] if position_ids is None else None
         return self.model(
-            batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"], num_items_in_batch
+            batch["input_ids"], mask, batch.get("pixel_values"), batch["labels"], num_items_in_batch, position_ids
         )
 
     def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor | None:
@@ -112,11 +124,21 @@ class VLMModule(L.LightningModule):
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped
         out = self(batch, self._label_tokens_per_rank(batch["labels"]))
+        self._flops_per_batch = self._count_flops(batch)
         # sync_dist: under DDP the curve is the mean over ranks (the global batch), not rank 0's share.
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         if self._skipped:
             self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
         return out.loss
+
+    def _count_flops(self, batch: dict) -> int | None:
+        if self._flop_model is None:
+            try:
+                self._flop_model = StepFlops(self.model)
+            except Exception as e:  # e.g. parameters ZeRO-3 has sharded away: no shapes to count from
+                rank_zero_warn(f"no FLOP count (train/device/flops_per_sec, mfu): {type(e).__name__}: {e}")
+                self._flop_model = False
+        return self._flop_model.batch_flops(batch) if self._flop_model else None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if "input_ids" not in batch:

@@ -1,0 +1,113 @@
+"""A callback that logs what a VLM step spends: image and text tokens/s, time waiting for data, peak memory.
+
+Lightning's ThroughputMonitor (train.py) logs samples/s, tokens/s and, from the module's
+`flops_per_batch`, FLOP/s and MFU; this adds the VLM-specific split and where the time goes.
+
+One step's time runs from the previous `on_train_batch_end` to this one. The part of it before
+`on_train_batch_start` is "data wait": fetching the batch, plus any work other callbacks do between
+steps (a checkpoint save shows up here too). Validation time is left out.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+TAGS = (
+    "throughput/image_tokens_per_sec",
+    "throughput/text_tokens_per_sec",
+    "throughput/data_wait_fraction",
+    "throughput/peak_memory_gib",
+)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU; the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class StepThroughput(L.Callback):
+    """Logs the tags in `TAGS` every `every_n_steps` training batches, averaged over those batches.
+
+    Args:
+        every_n_steps: logging interval in training batches (= steps without gradient accumulation).
+        keep_history: also keep one record per step in `history` (step_time, data_wait, samples,
+            images, text_tokens, image_tokens, flops, peak_memory_gib), for bench/bench_train.py.
+    """
+
+    def __init__(self, every_n_steps: int = 10, keep_history: bool = False) -> None:
+        self.every_n_steps = every_n_steps
+        self.keep_history = keep_history
+        self.history: list[dict] = []
+        self._last_end: float | None = None
+        self._start = 0.0
+        self._window = self._empty()
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"time": 0.0, "wait": 0.0, "text": 0, "image": 0}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        device = pl_module.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels are queued, not finished
+        end = time.perf_counter()
+        if self._last_end is None:  # first step after start or validation: no previous end to measure from
+            self._last_end = self._start
+        step_time, wait = end - self._last_end, max(0.0, self._start - self._last_end)
+        self._last_end = end
+        image, text = _token_counts(batch, getattr(getattr(pl_module, "model", None), "image_token_id", None))
+        w = self._window
+        w["time"] += step_time
+        w["wait"] += wait
+        w["text"] += text
+        w["image"] += image
+        if self.keep_history:
+            self.history.append(
+                {
+                    "step_time": step_time,
+                    "data_wait": wait,
+                    "samples": len(batch.get("ids", [])),  # samples, not rows (packed rows hold several)
+                    "images": int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0,
+                    "text_tokens": text,
+                    "image_tokens": image,
+                    "flops": getattr(pl_module, "flops_per_batch", None),
+                    "peak_memory_gib": peak_memory_gib(device),
+                }
+            )
+        if (batch_idx + 1) % self.every_n_steps == 0 and w["time"] > 0:
+            metrics = dict(
+                zip(
+                    TAGS,
+                    (w["image"] / w["time"], w["text"] / w["time"], w["wait"] / w["time"], peak_memory_gib(device)),
+                )
+            )
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            self._window = self._empty()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last_end = None  # the validation loop is not data wait
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last_end = None  # nor is the end-of-epoch work (so an epoch's first step counts no wait)
+
+
+def _token_counts(batch: dict, image_token_id: int | None) -> tuple[int, int]:
+    """(image tokens, text tokens) among the batch's non-padding positions."""
+    if "input_ids" not in batch:
+        return 0, 0
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    image = int((batch["input_ids"] == image_token_id).sum()) if image_token_id is not None else 0
+    return image, real - image

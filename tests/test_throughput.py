@@ -1,0 +1,71 @@
+"""Throughput logging: the StepThroughput callback's tags and numbers, and FLOP/s from flops_per_batch."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_modules.flops import StepFlops
+from lit_modules.throughput import TAGS, StepThroughput
+from train import build_datamodule, build_model, build_trainer
+
+
+def test_tiny_fit_logs_throughput_and_flops(tiny_cfg):
+    cfg = tiny_cfg(
+        "trainer.max_steps=12", "trainer.max_epochs=2", "trainer.log_every_n_steps=2", "trainer.limit_val_batches=0"
+    )
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_model(cfg)
+    trainer = build_trainer(cfg, None)
+    history = StepThroughput(every_n_steps=1000, keep_history=True)
+    trainer.callbacks.append(history)
+    trainer.fit(module, datamodule=build_datamodule(cfg, module))
+
+    ea = EventAccumulator(trainer.logger.log_dir)
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    for tag in (*TAGS, "train/device/flops_per_sec"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert "train/device/mfu" not in scalars  # no peak FLOPs known for a CPU
+    assert all(0.0 <= e.value <= 1.0 for e in ea.Scalars("throughput/data_wait_fraction"))
+    assert all(e.value > 0 for e in ea.Scalars("throughput/peak_memory_gib"))
+
+    # each image gives 16 tokens (some samples of the shapes data have none); text tokens are the rest
+    steps = history.history
+    assert len(steps) == 12
+    assert all(s["image_tokens"] == 16 * s["images"] > 0 and s["text_tokens"] > 0 for s in steps)
+    # flops_per_batch is the last batch's count, and the logged rate is of the order of FLOPs / step time
+    flops = StepFlops(module.model)
+    assert module.flops_per_batch == steps[-1]["flops"] and steps[-1]["flops"] > 0
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    assert flops.batch_flops(batch) == pytest.approx(steps[0]["flops"], rel=0.5)  # same model, similar lengths
+    rate = ea.Scalars("train/device/flops_per_sec")[-1].value
+    mean_rate = sum(s["flops"] for s in steps[-9:]) / sum(s["step_time"] for s in steps[-9:])
+    assert 0.3 < rate / mean_rate < 3
+
+
+def test_data_wait_fraction():
+    """Data fetched in 0.2 s, step computed in 0.1 s: 2/3 of the step time is data wait."""
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
+    trainer = SimpleNamespace(loggers=[logger], global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"), model=SimpleNamespace(image_token_id=7))
+    batch = {"input_ids": torch.tensor([[7, 7, 1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    cb = StepThroughput(every_n_steps=2)
+    cb.on_train_epoch_start(trainer, module)
+    for i in range(3):
+        if i:
+            time.sleep(0.2)  # waiting for the next batch
+        cb.on_train_batch_start(trainer, module, batch, i)
+        time.sleep(0.1)  # the step
+        cb.on_train_batch_end(trainer, module, None, batch, i)
+    # logged after batch index 1 (0.1 s, no wait measured for the epoch's first step + 0.3 s with 0.2 s wait)
+    (m,) = logged
+    assert m["throughput/data_wait_fraction"] == pytest.approx(0.2 / 0.4, abs=0.05)
+    assert m["throughput/image_tokens_per_sec"] == pytest.approx(4 / 0.4, rel=0.15)
+    assert m["throughput/text_tokens_per_sec"] == pytest.approx(4 / 0.4, rel=0.15)
