@@ -16,15 +16,17 @@ from torch.utils.data import Sampler
 
 
 class GroupedSampler(Sampler[int]):
-    """Args:
-    lengths: token length of each sample.
-    has_image: whether each sample has an image.
-    batch_size: per-rank batch size.
-    shuffle: shuffle each epoch (False: dataset order, for validation).
-    group_by_length: group by modality and sort by length inside mega-batches.
-    seed: base seed; the order of epoch e uses seed + e.
-    num_replicas: number of ranks (world size).
-    rank: this rank.
+    """Deterministic, resumable indices for one rank, optionally grouped by modality and length.
+
+    Args:
+        lengths: token length of each sample.
+        has_image: whether each sample has an image.
+        batch_size: per-rank batch size.
+        shuffle: shuffle each epoch (False: dataset order, for validation).
+        group_by_length: group by modality and sort by length inside mega-batches.
+        seed: base seed; the order of epoch e uses seed + e.
+        num_replicas: number of ranks (world size).
+        rank: this rank.
     """
 
     MEGA = 50  # global batches per sorted mega-batch (LLaVA uses 50 as well)

@@ -6,7 +6,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 def load_tokenizer(path: str, image_token: str = "<image>") -> PreTrainedTokenizerBase:
-    """Args:
+    """The tokenizer at `path` with the image placeholder and a pad token added when missing.
+
+    Args:
         path: tokenizer or model directory (or hub id where a network exists).
         image_token: placeholder string; added as one special token when missing.
 

@@ -10,10 +10,12 @@ from torch import nn
 
 
 def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
-    """Args:
-    name: "linear" (LLaVA-1) or "mlp2x_gelu" (LLaVA-1.5).
-    in_dim: vision token width C.
-    out_dim: LLM hidden size D.
+    """The projector named `name`, mapping [B, N, in_dim] -> [B, N, out_dim].
+
+    Args:
+        name: "linear" (LLaVA-1) or "mlp2x_gelu" (LLaVA-1.5).
+        in_dim: vision token width C.
+        out_dim: LLM hidden size D.
     """
     if name == "linear":
         return nn.Linear(in_dim, out_dim)

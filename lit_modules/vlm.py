@@ -15,11 +15,13 @@ from encoders.base import VisionEncoder, split_parts
 
 
 class VisionLanguageModel(nn.Module):
-    """Args:
-    vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
-    projector: [M, N, C] -> [M, N, D].
-    llm: a transformers causal LM with hidden size D.
-    image_token_id: placeholder id in input_ids (N consecutive copies per image).
+    """Vision tower -> projector -> causal LM, image embeddings placed at the placeholder tokens.
+
+    Args:
+        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
+        projector: [M, N, C] -> [M, N, D].
+        llm: a transformers causal LM with hidden size D.
+        image_token_id: placeholder id in input_ids (N consecutive copies per image).
     """
 
     def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:

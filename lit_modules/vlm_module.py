@@ -23,22 +23,24 @@ def normalise_answer(text: str) -> str:
 
 
 class VLMModule(L.LightningModule):
-    """Args:
-    model: the VLM to train.
-    tokenizer: its tokenizer (decodes generated answers).
-    stage: "align" or "sft"; picks the default trainable parts.
-    trainable: parts to train instead of the stage's default (e.g. all five for a from-scratch run).
-    lr: base learning rate.
-    lr_per_part: learning rate per part where it differs from `lr`.
-    weight_decay: AdamW weight decay (not applied to biases and norm weights).
-    betas: AdamW betas.
-    warmup_ratio: share of the total steps with linear warm-up.
-    min_lr_ratio: cosine floor as a share of each group's peak lr.
-    stop_ids: token ids that end a generated answer.
-    max_new_tokens: generation budget for the held-out exact-match.
-    num_logged_samples: validation images logged with question, answer and output.
-    max_generate_batches: validation batches that run generation (None: all).
-    config: the resolved experiment config (saved in checkpoints and logged as hparams).
+    """Trains a `VisionLanguageModel` in one stage and evaluates it by loss and exact match.
+
+    Args:
+        model: the VLM to train.
+        tokenizer: its tokenizer (decodes generated answers).
+        stage: "align" or "sft"; picks the default trainable parts.
+        trainable: parts to train instead of the stage's default (e.g. all five for a from-scratch run).
+        lr: base learning rate.
+        lr_per_part: learning rate per part where it differs from `lr`.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        betas: AdamW betas.
+        warmup_ratio: share of the total steps with linear warm-up.
+        min_lr_ratio: cosine floor as a share of each group's peak lr.
+        stop_ids: token ids that end a generated answer.
+        max_new_tokens: generation budget for the held-out exact-match.
+        num_logged_samples: validation images logged with question, answer and output.
+        max_generate_batches: validation batches that run generation (None: all).
+        config: the resolved experiment config (saved in checkpoints and logged as hparams).
     """
 
     def __init__(
