@@ -12,6 +12,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from config import EXPERIMENTS_DIR, load_config
 from encoders import build_encoder
 from lit_modules.describe import build_on_meta, describe
+from tests.test_config import experiment_files
 
 # Llama-2-7B / Vicuna-7B-v1.5 shape. Every key is given: an override merges into the quickstart's inline
 # config, so e.g. its num_key_value_heads: 4 would otherwise stay.
@@ -157,13 +158,6 @@ def test_clip_family_reads_its_architecture_from_the_checkpoint(tmp_path):
     missing = load_config(None, [f"model.encoder={{name: clip, checkpoint: {tmp_path}/nowhere}}"])
     with pytest.raises(ValueError, match=r"takes its architecture from .*nowhere/config.json, which is not here"):
         describe(missing)
-
-
-def experiment_files() -> list[str]:
-    import glob
-
-    files = glob.glob(os.path.join(EXPERIMENTS_DIR, "**", "*.yaml"), recursive=True)
-    return sorted(f for f in files if os.path.basename(f) != "base.yaml" and "/encoders/" not in f)
 
 
 @pytest.mark.parametrize("path", experiment_files(), ids=lambda p: os.path.relpath(p, EXPERIMENTS_DIR))
