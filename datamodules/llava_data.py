@@ -220,17 +220,19 @@ def collate(items: list[dict | None], pad_id: int) -> dict:
         mask[b, :n] = 1
         prompt[b, P - p :] = torch.tensor(x["prompt_ids"])
         prompt_mask[b, P - p :] = 1
-    images = [x["pixel_values"] for x in kept if x["pixel_values"] is not None]
-    batch.update(
-        input_ids=ids,
-        labels=labels,
-        attention_mask=mask,
-        prompt_ids=prompt,
-        prompt_mask=prompt_mask,
-        pixel_values=torch.stack(images) if images else None,
-        has_image=torch.tensor([x["pixel_values"] is not None for x in kept]),
-        ids=[x["id"] for x in kept],
-        answers=[x["answer"] for x in kept],
-        questions=[x["question"] for x in kept],
-    )
+    batch.update(input_ids=ids, labels=labels, attention_mask=mask, prompt_ids=prompt, prompt_mask=prompt_mask)
+    batch.update(per_sample_fields(kept))
     return batch
+
+
+def per_sample_fields(items: list[dict]) -> dict:
+    """What a batch carries per sample, in `items` order: pixel_values [M, 3, S, S] of the M samples
+    that have an image (the order `VisionLanguageModel.embed` fills image slots in), and the lists."""
+    images = [x["pixel_values"] for x in items if x["pixel_values"] is not None]
+    return {
+        "pixel_values": torch.stack(images) if images else None,
+        "has_image": torch.tensor([x["pixel_values"] is not None for x in items]),
+        "ids": [x["id"] for x in items],
+        "answers": [x["answer"] for x in items],
+        "questions": [x["question"] for x in items],
+    }

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.llava_data import per_sample_fields
 from datamodules.templates import IGNORE_INDEX
 
 
@@ -76,17 +77,6 @@ def pack(items: list[dict | None], max_length: int, pad_id: int) -> dict:
             spans.append((r, start, n))
             start += n
         positions[r, start:] = torch.arange(T - start)  # the end padding is a segment of its own
-    images = [x["pixel_values"] for x in order if x["pixel_values"] is not None]
-    batch.update(
-        input_ids=ids,
-        labels=labels,
-        attention_mask=mask,
-        position_ids=positions,
-        pixel_values=torch.stack(images) if images else None,
-        has_image=torch.tensor([x["pixel_values"] is not None for x in order]),
-        spans=spans,
-        ids=[x["id"] for x in order],
-        answers=[x["answer"] for x in order],
-        questions=[x["question"] for x in order],
-    )
+    batch.update(input_ids=ids, labels=labels, attention_mask=mask, position_ids=positions, spans=spans)
+    batch.update(per_sample_fields(order))
     return batch

@@ -27,29 +27,9 @@ def avgpool_reducer(encoder: VisionEncoder, factor: int = 4) -> VisionEncoder:
     return build_token_reducer(encoder, "avgpool", factor=factor)
 
 
-def dual_perspective(
-    encoder: VisionEncoder,
-    n: int = 3,
-    mode: str = "fast",
-    perspectives: str = "both",
-    fusion: str = "concat_ffn",
-    combine_global: str = "mean",
-    num_heads: int = 8,
-) -> VisionEncoder:
-    """INF-LLaVA's DCM + DEM around the encoder (input n*S px); see lit_modules/dual_perspective.py."""
-    return DualPerspective(
-        encoder,
-        n=n,
-        mode=mode,
-        perspectives=perspectives,
-        fusion=fusion,
-        combine_global=combine_global,
-        num_heads=num_heads,
-    )
-
-
 REDUCERS = {"conv": conv_reducer, "avgpool": avgpool_reducer}
-ENHANCERS = {"dual_perspective": dual_perspective}
+# INF-LLaVA's DCM + DEM around the encoder (input n*S px); options are DualPerspective's keyword arguments.
+ENHANCERS = {"dual_perspective": DualPerspective}
 
 
 def build_vision(cfg: DictConfig) -> VisionEncoder:
