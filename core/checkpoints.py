@@ -115,6 +115,11 @@ class LastCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimizer, loops, data position
             self._saved_step = trainer.global_step
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every rank saves (FSDP / DeepSpeed shards) into rank 0's run directory: ranks that a launcher started
+        # together with rank 0 may have named the run differently (core/run_dir.py).
+        self.dirpath = trainer.strategy.broadcast(self.dirpath)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and os.path.isdir(self.dirpath):
             remove_stale_temporaries(self.dirpath)

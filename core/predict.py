@@ -1,6 +1,6 @@
 """Answers from a trained run: the run's own template, image preprocessing and generation settings.
 
-    predictor = load_predictor("runs/quickstart/version_0")               # core.runner: its last.ckpt (or best)
+    predictor = load_predictor("runs/quickstart/defaults")               # core.runner: its last.ckpt (or best)
     predictor.ask("What color are the shapes?", image="photo.png")
     predictor.answer_records(records, image_folder="data/images")          # LLaVA-format records
 

@@ -45,17 +45,3 @@ def check_files(cfg: DictConfig) -> None:
         _need(f"eval.sets[{k}].image_folder", eval_set.image_folder, "evaluation image folder")
     if cfg.resume not in (None, "auto"):
         _need("resume", cfg.resume, "checkpoint")
-
-
-def check_run_directory(cfg: DictConfig, resume: str | None) -> None:
-    """A fresh run with an explicit `logging.version` must not write into another run's directory (two jobs
-    sharing one would interleave their event files and overwrite each other's checkpoints)."""
-    version = cfg.logging.version
-    if version is None or resume is not None:
-        return
-    run_dir = os.path.join(cfg.logging.root, cfg.name, str(version))
-    if os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        raise ConfigError(
-            f"'logging.version' = {version!r}: {run_dir} already holds a run; choose another version, or "
-            f"continue that run with resume=auto (or resume=<its checkpoint>)"
-        )

@@ -17,7 +17,6 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -27,13 +26,21 @@ from core.checkpoints import AtomicCheckpointIO, BestCheckpoints, LastCheckpoint
 from core.config import config_from_dict, save_config
 from core.evaluate import Benchmarks
 from core.predict import Predictor, find_checkpoint
-from core.preflight import check_files, check_run_directory
+from core.preflight import check_files
+from core.run_dir import claim_run_directory
 from core.schema import ConfigError
 from core.strategy import build_strategy
 from datamodules import DATAMODULES, ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
 from datamodules.templates import stop_token_ids
 from lit_modules.build import build_vision, build_vlm
-from lit_modules.callbacks import ConsoleReport, LearningRates, RunSummary, StepThroughput, ValidationSamples
+from lit_modules.callbacks import (
+    ConsoleReport,
+    LearningRates,
+    RunSummary,
+    StepThroughput,
+    ThroughputRates,
+    ValidationSamples,
+)
 from lit_modules.callbacks.console import quiet_lightning
 from lit_modules.vlm_module import VLMModule
 
@@ -144,16 +151,20 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     with another encoder or LLM has other keys and is never picked."""
     if cfg.resume != "auto":
         return cfg.resume
-    found = glob.glob(os.path.join(cfg.logging.root, cfg.name, "*", "checkpoints", "last*.ckpt"))
+    run = cfg.logging.run_name or "*"  # a named run continues only itself
+    found = glob.glob(os.path.join(cfg.logging.root, cfg.name, run, "checkpoints", "last*.ckpt"))
     found = [f for f in found if _same_model(cfg, os.path.dirname(os.path.dirname(f)))]
     return max(found, key=os.path.getmtime) if found else None
 
 
-def build_trainer(cfg: DictConfig, resume: str | None, module: VLMModule | None = None) -> L.Trainer:
-    """`module` is needed for FSDP, which wraps the model's transformer blocks (core/strategy.py)."""
+def build_trainer(
+    cfg: DictConfig, resume: str | None = None, module: VLMModule | None = None, run_name: str | None = None
+) -> L.Trainer:
+    """`module` is needed for FSDP, which wraps the model's transformer blocks (core/strategy.py);
+    `run_name`: the run directory `run` claimed (None: claim one here, core/run_dir.py)."""
     # A resumed run keeps writing to its own run directory, so its curves continue in TensorBoard.
-    version = cfg.logging.version or (os.path.basename(os.path.dirname(os.path.dirname(resume))) if resume else None)
-    logger = TensorBoardLogger(cfg.logging.root, name=cfg.name, version=version, default_hp_metric=False)
+    run_name = run_name or claim_run_directory(cfg, resume, rank_zero_only.rank)
+    logger = TensorBoardLogger(cfg.logging.root, name=cfg.name, version=run_name, default_hp_metric=False)
     ck, ckpt_dir = cfg.checkpoint, os.path.join(logger.log_dir, "checkpoints")
     callbacks = [
         # last.ckpt on a step schedule, each epoch end and on SIGTERM for resuming; best-*.ckpt when
@@ -166,7 +177,7 @@ def build_trainer(cfg: DictConfig, resume: str | None, module: VLMModule | None 
         # image / text tokens/s, data wait, peak memory; sets the module's flops_per_batch, so it comes first
         StepThroughput(every_n_steps=cfg.trainer.get("log_every_n_steps") or 50),
         # samples/s, tokens/s ("items" = non-padding tokens, image tokens included), FLOP/s and MFU
-        ThroughputMonitor(
+        ThroughputRates(
             batch_size_fn=lambda b: len(b.get("ids", [])),
             length_fn=lambda b: int(b["attention_mask"].sum()) if "attention_mask" in b else 0,
             window_size=10,
@@ -193,8 +204,7 @@ def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
     """config -> seed -> tokenizer -> datamodule -> module (+ init_from) -> trainer -> fit; returns the trainer."""
     check_files(cfg)  # before minutes of model building and before a run directory exists
     resume = resolve_resume(cfg)
-    if rank_zero_only.rank == 0:  # ranks a launcher starts later find the directory rank 0 has just claimed
-        check_run_directory(cfg, resume)
+    run_name = claim_run_directory(cfg, resume, rank_zero_only.rank)  # before minutes of model building
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg)
@@ -202,7 +212,7 @@ def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
     module = build_module(cfg, tokenizer)
     if cfg.init_from:
         load_weights(module, cfg.init_from)
-    trainer = build_trainer(cfg, resume, module)
+    trainer = build_trainer(cfg, resume, module, run_name)
     trainer.callbacks.extend(callbacks)
     if trainer.is_global_zero:
         print(f"run directory: {trainer.logger.log_dir}  (tensorboard --logdir {cfg.logging.root})")

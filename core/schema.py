@@ -121,7 +121,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     root: str = "runs"
-    version: Optional[str] = None  # None: version_<n>, the next free one
+    # The run directory's name under <root>/<name>/; None: the command-line overrides the run started
+    # with (`encoder=sam_vit_b,lr=3e-4`), or `defaults` (core/run_dir.py)
+    run_name: Optional[str] = None
 
 
 @dataclass

@@ -13,8 +13,8 @@ from tools.compare import compare
 
 def test_two_runs_side_by_side(tiny_cfg, tmp_path):
     common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1")
-    a = fit(tiny_cfg(*common, "optim.lr=0.01", "logging.version=a")).logger.log_dir
-    b = fit(tiny_cfg(*common, "optim.lr=0.001", "logging.version=b")).logger.log_dir
+    a = fit(tiny_cfg(*common, "optim.lr=0.01", "logging.run_name=a")).logger.log_dir
+    b = fit(tiny_cfg(*common, "optim.lr=0.001", "logging.run_name=b")).logger.log_dir
     png = str(tmp_path / "curves.png")
     text = compare([os.path.dirname(a)], png)  # the experiment folder: both runs
     lines = {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:]}

@@ -92,11 +92,11 @@ def test_a_crafted_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_an_explicit_version_never_shares_a_run_directory(tiny_cfg):
+def test_an_explicit_run_name_never_shares_a_run_directory(tiny_cfg):
     short = ("trainer.max_epochs=3", "trainer.limit_val_batches=0")
-    first = run(tiny_cfg("logging.version=mine", "trainer.max_steps=1", *short))
+    first = run(tiny_cfg("logging.run_name=mine", "trainer.max_steps=1", *short))
     assert first.global_step == 1
-    with pytest.raises(ConfigError, match="'logging.version' = 'mine': .*mine already holds a run"):
-        run(tiny_cfg("logging.version=mine", "trainer.max_steps=2", *short))
-    again = run(tiny_cfg("resume=auto", "trainer.max_steps=2", *short))  # continuing it is fine
+    with pytest.raises(ConfigError, match="'logging.run_name' = 'mine': .*mine already holds a run"):
+        run(tiny_cfg("logging.run_name=mine", "trainer.max_steps=2", *short))
+    again = run(tiny_cfg("logging.run_name=mine", "resume=auto", "trainer.max_steps=2", *short))  # continuing is fine
     assert again.global_step == 2 and again.logger.version == "mine"

@@ -25,7 +25,7 @@ def test_quickstart_reaches_90_percent_exact_match(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     minutes = (time.perf_counter() - start) / 60
-    accuracy = list(scalars(str(tmp_path / "runs" / "quickstart" / "version_0"), "val/exact_match").values())
+    accuracy = list(scalars(str(tmp_path / "runs" / "quickstart" / "defaults"), "val/exact_match").values())
     print(f"quickstart: {minutes:.1f} min, held-out exact match per validation: {accuracy}")
-    assert os.path.exists(tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    assert os.path.exists(tmp_path / "runs" / "quickstart" / "defaults" / "checkpoints" / "last.ckpt")
     assert accuracy[-1] >= 0.9

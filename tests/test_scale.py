@@ -163,7 +163,7 @@ def _start(tmp_path, shapes_root, version: str, *extra: str):
         "trainer.accelerator=cpu",
         "optim.lr=0.01",
         "optim.warmup_ratio=0",
-        f"logging.version={version}",
+        f"logging.run_name={version}",
         *extra,
     )
     return start_training(args, str(tmp_path))

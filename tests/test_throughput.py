@@ -29,9 +29,12 @@ def test_tiny_fit_logs_throughput_and_flops(tiny_cfg):
     ea = EventAccumulator(trainer.logger.log_dir)
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    for tag in (*TAGS, "train/device/flops_per_sec"):
+    for tag in (*TAGS, "throughput/device/flops_per_sec"):
         assert tag in scalars, (tag, sorted(scalars))
-    assert "train/device/mfu" not in scalars  # no peak FLOPs known for a CPU
+    assert "throughput/device/mfu" not in scalars  # no peak FLOPs known for a CPU
+    # Lightning's running totals are kept out of the train/ group, which holds the loss
+    assert {"progress/time", "progress/samples", "progress/batches"} <= scalars
+    assert sorted(t for t in scalars if t.startswith("train/")) == ["train/loss"], sorted(scalars)
     assert all(0.0 <= e.value <= 1.0 for e in ea.Scalars("throughput/data_wait_fraction"))
     assert all(e.value > 0 for e in ea.Scalars("throughput/peak_memory_gib"))
 
@@ -44,7 +47,7 @@ def test_tiny_fit_logs_throughput_and_flops(tiny_cfg):
     assert module.flops_per_batch == steps[-1]["flops"] and steps[-1]["flops"] > 0
     batch = next(iter(trainer.datamodule.train_dataloader()))
     assert flops.batch_flops(batch) == pytest.approx(steps[0]["flops"], rel=0.5)  # same model, similar lengths
-    rate = ea.Scalars("train/device/flops_per_sec")[-1].value
+    rate = ea.Scalars("throughput/device/flops_per_sec")[-1].value
     mean_rate = sum(s["flops"] for s in steps[-9:]) / sum(s["step_time"] for s in steps[-9:])
     assert 0.3 < rate / mean_rate < 3
 

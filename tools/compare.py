@@ -1,6 +1,6 @@
 """Compare runs side by side: their key settings and final / best metrics, and a PNG of the main curves.
 
-    python -m tools.compare runs/quickstart/version_0 runs/compare_clip_tiny/version_0
+    python -m tools.compare runs/quickstart/defaults runs/compare_clip_tiny/defaults
     python -m tools.compare runs/compare_*  --png compare.png     # an experiment folder means all its runs
 
 Each run directory is what train.py writes: `config.yaml` (the resolved config) and TensorBoard event

@@ -1,7 +1,7 @@
 """Score a trained run on benchmark files with the official metrics.
 
-    python -m tools.evaluate runs/quickstart/version_0                       # the sets in the run's config
-    python -m tools.evaluate runs/X/version_0 'eval.sets=[{name: textvqa, file: data/textvqa_val.json,
+    python -m tools.evaluate runs/quickstart/defaults                       # the sets in the run's config
+    python -m tools.evaluate runs/X/defaults 'eval.sets=[{name: textvqa, file: data/textvqa_val.json,
         image_folder: data/textvqa/images, metric: vqa_accuracy, options: {protocol: textvqa},
         prompt_suffix: "\\nAnswer the question using a single word or phrase."}]'
 

@@ -1,6 +1,6 @@
 """Export a trained run to transformers' LLaVA format (model + processor), for transformers, vLLM, lmms-eval.
 
-    python -m tools.export runs/X/version_0 exported/X [--checkpoint best]
+    python -m tools.export runs/X/defaults exported/X [--checkpoint best]
 
 See core/export.py for what can be exported and how the parts map.
 """

@@ -1,6 +1,6 @@
 """Fold a LoRA run's adapters into plain weights.
 
-    python -m tools.merge_lora runs/X/version_0/checkpoints/last.ckpt merged/X
+    python -m tools.merge_lora runs/X/defaults/checkpoints/last.ckpt merged/X
 
 A LoRA checkpoint holds the adapters, projector and enhancer (and whatever else trained), not the
 frozen base LLM: that comes back from `model.llm.path`. Here the run's model is rebuilt from the

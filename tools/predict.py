@@ -1,8 +1,8 @@
 """Ask a trained run questions: one question, a whole LLaVA-format file, or a chat in the terminal.
 
-    python -m tools.predict runs/quickstart/version_0 --image photo.png --question "What color are the shapes?"
-    python -m tools.predict runs/quickstart/version_0 --data questions.json --image-folder images --out answers.jsonl
-    python -m tools.predict runs/quickstart/version_0 --chat --image photo.png
+    python -m tools.predict runs/quickstart/defaults --image photo.png --question "What color are the shapes?"
+    python -m tools.predict runs/quickstart/defaults --data questions.json --image-folder images --out answers.jsonl
+    python -m tools.predict runs/quickstart/defaults --chat --image photo.png
 
 RUN is a run directory (its checkpoints/last.ckpt, or the best one with --checkpoint best) or a checkpoint
 file; the model, template and image preprocessing come from the config stored in the checkpoint. Greedy by

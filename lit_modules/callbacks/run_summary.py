@@ -20,7 +20,7 @@ LAYOUT = {
     },
     "throughput": {
         "tokens per second": ["Multiline", ["throughput/image_tokens_per_sec", "throughput/text_tokens_per_sec"]],
-        "samples per second": ["Multiline", ["train/device/samples_per_sec"]],
+        "samples per second": ["Multiline", ["throughput/device/samples_per_sec"]],
         "data wait": ["Multiline", ["throughput/data_wait_fraction"]],
     },
     "learning rate": {"per part": ["Multiline", ["lr/.*"]]},

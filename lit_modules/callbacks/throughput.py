@@ -1,8 +1,8 @@
-"""A callback that logs what a VLM step spends: FLOPs, image and text tokens/s, data wait, peak memory.
+"""Callbacks that log what a VLM step spends: FLOPs, image and text tokens/s, data wait, peak memory.
 
-Lightning's ThroughputMonitor (core/runner.py) logs samples/s, tokens/s and, from the module's
-`flops_per_batch`, FLOP/s and MFU. This callback sets `flops_per_batch` for each training batch from
-the FLOP model (lit_modules/callbacks/flops.py), so it must come before ThroughputMonitor in the
+`ThroughputRates`, Lightning's ThroughputMonitor, logs samples/s, tokens/s and, from the module's
+`flops_per_batch`, FLOP/s and MFU. `StepThroughput` sets `flops_per_batch` for each training batch from
+the FLOP model (lit_modules/callbacks/flops.py), so it must come before ThroughputRates in the
 callback list, and adds the VLM-specific split and where the time goes.
 
 One step's time runs from the previous `on_train_batch_end` to this one. The part of it before
@@ -18,6 +18,8 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_modules.callbacks.flops import StepFlops
@@ -28,6 +30,25 @@ TAGS = (
     "throughput/data_wait_fraction",
     "throughput/peak_memory_gib",
 )
+
+
+class ThroughputRates(ThroughputMonitor):
+    """Lightning's ThroughputMonitor with its rates under `throughput/` (`throughput/device/flops_per_sec`,
+    `throughput/device/mfu`, `throughput/items_per_sec`, ...) and its running totals (time, batches,
+    samples, lengths) under `progress/`: Lightning writes both as `train/*`, beside the loss."""
+
+    TOTALS = ("time", "batches", "samples", "lengths")
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:  # Lightning 2.6's hook
+        if not trainer._logger_connector.should_update_logs:
+            return
+        stage = trainer.state.stage
+        suffix = "" if stage == RunningStage.TRAINING else f"/{stage.value}"
+        metrics = {
+            f"{'progress' if k in self.TOTALS else 'throughput'}{suffix}/{k}": v
+            for k, v in self._throughputs[stage].compute().items()
+        }
+        trainer._logger_connector.log_metrics(metrics, step=iter_num)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -72,7 +93,7 @@ class StepThroughput(L.Callback):
             try:
                 self._flop_model = StepFlops(pl_module.model)
             except Exception as e:  # e.g. parameters ZeRO-3 has sharded away: no shapes to count from
-                rank_zero_warn(f"no FLOP count (train/device/flops_per_sec, mfu): {type(e).__name__}: {e}")
+                rank_zero_warn(f"no FLOP count (throughput/device/flops_per_sec, mfu): {type(e).__name__}: {e}")
                 self._no_flops = True
                 return None
         return self._flop_model.batch_flops(batch)
