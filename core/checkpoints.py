@@ -139,8 +139,12 @@ class LastCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         batches = trainer.fit_loop.epoch_loop.batch_progress
-        if trainer.training and batches.is_last_batch and batches.current.processed >= trainer.num_training_batches:
+        if not trainer.training:
+            return
+        if batches.is_last_batch and batches.current.processed >= trainer.num_training_batches:
             at_next_epoch_start(checkpoint)
+        else:  # an epoch that `max_steps` (or SIGTERM) cut short: a longer run goes on inside it
+            still_in_epoch(checkpoint)
 
 
 def at_next_epoch_start(checkpoint: dict) -> None:
@@ -156,6 +160,14 @@ def at_next_epoch_start(checkpoint: dict) -> None:
     batches["current"] = {k: 0 for k in batches["current"]}
     batches["is_last_batch"] = False
     loop["epoch_loop.state_dict"]["_batches_that_stepped"] = checkpoint["global_step"]
+
+
+def still_in_epoch(checkpoint: dict) -> None:
+    """A checkpoint saved at the end of an epoch that `max_steps` stopped early records the epoch as
+    processed, and Lightning 2.6 resumes it at the next epoch, skipping the rest of this one's data (when
+    the run is continued with a larger `max_steps`). Mark it unprocessed: the resume takes the next batch."""
+    for progress in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+        progress["processed"] = progress["completed"]
 
 
 class BestCheckpoints(ModelCheckpoint):

@@ -92,6 +92,22 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_cfg):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_run_stopped_by_max_steps_continues_inside_its_epoch(tiny_cfg):
+    """Stopped at step 4 of a 6-batch epoch, then continued with a larger max_steps: steps 5-6 take the
+    rest of that epoch's batches, as one uninterrupted run does (constant lr: the schedule's length is the
+    only thing allowed to differ)."""
+    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01")
+    constant = ("optim.warmup_ratio=0", "optim.min_lr_ratio=1.0")
+    full = LossRecorder()
+    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=full"), full)
+    fit(tiny_cfg(*common, *constant, "trainer.max_steps=4", "logging.run_name=short"))
+    longer = LossRecorder()
+    trainer = fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=short", "resume=auto"), longer)
+    assert trainer.global_step == 9 and sorted(longer.losses) == list(range(5, 10))
+    for step in range(5, 10):
+        assert longer.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+
+
 def train_cli(*args: str) -> subprocess.CompletedProcess:
     """`python train.py args...` as a user runs it."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
