@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from core.checkpoints import AtomicCheckpointIO
 from core.config import ConfigError
-from core.runner import build_module, build_trainer
+from core.runner import SIGTERM_EXIT, build_module, build_trainer
 from core.strategy import block_classes, build_strategy
 
 
@@ -193,6 +194,26 @@ def test_ddp_two_cpu_processes_match_one_process(shapes_root, tmp_path, group_by
     one, two = _losses(tmp_path, one, "one"), _losses(tmp_path, two, "two")
     assert sorted(one) == sorted(two) == list(range(16))
     for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_saves_and_resumes_exactly(shapes_root, tmp_path):
+    """SLURM pre-emption of a 2-process DDP job: every process gets SIGTERM. Rank 0's flag reaches all ranks
+    (Lightning broadcasts it each step), they stop after the same step, last.ckpt is saved, the job exits 143,
+    and `resume=auto` (DDP again) logs the losses of an uninterrupted one-process run."""
+    from tests.helpers import kill_after_checkpoint
+
+    ddp = ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4")
+    one = _start(tmp_path, shapes_root, "one", "trainer.devices=1", "data.batch_size=8")
+    two = _start(tmp_path, shapes_root, "two", *ddp, "checkpoint.every_n_train_steps=3")
+    last = tmp_path / "runs" / "quickstart" / "two" / "checkpoints" / "last.ckpt"
+    stopped = kill_after_checkpoint(two, str(last), sig=signal.SIGTERM)
+    assert two.returncode == SIGTERM_EXIT and stopped >= 3
+    again = _start(tmp_path, shapes_root, "two", *ddp, "resume=auto")
+    one, two = _losses(tmp_path, one, "one"), _losses(tmp_path, again, "two")
+    assert sorted(one) == list(range(16)) and set(range(3, 16)) <= set(two)
+    for step in range(3, 16):
         assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)
 
 
