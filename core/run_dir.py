@@ -7,9 +7,11 @@ TensorBoard shows the run name beside every curve, so it says what differs from 
     python train.py logging.run_name=baseline                    -> runs/quickstart/baseline
 
 A name taken by an earlier run gets `-2`, `-3`, ...; an explicit `logging.run_name` that is taken is
-refused, unless the run resumes. Rank 0 claims the directory with one atomic `mkdir`, so two jobs started
-in the same second never share one; ranks a launcher starts later take rank 0's choice from the
-environment (`LastCheckpoint` also broadcasts its directory, for launchers that start all ranks at once).
+refused, unless the run resumes: with `resume=auto` and no checkpoint in it yet (a SLURM job requeued
+before its first checkpoint) the run starts there afresh, the earlier attempt's files moved to
+`attempt-<n>/`. Rank 0 claims the directory with one atomic `mkdir`, so two jobs started in the same
+second never share one; ranks a launcher starts later take rank 0's choice from the environment
+(`LastCheckpoint` also broadcasts its directory, for launchers that start all ranks at once).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def claim_run_directory(cfg: DictConfig, resume: str | None, rank: int = 0) -> s
         try:
             os.mkdir(os.path.join(parent, name))
         except FileExistsError:
+            if explicit and cfg.resume == "auto":  # a requeued job that died before its first checkpoint
+                set_aside(os.path.join(parent, name))
+                os.environ[ENV] = name
+                return name
             if explicit:
                 raise ConfigError(
                     f"'logging.run_name' = {explicit!r}: {os.path.join(parent, name)} already holds a run; choose "
@@ -100,3 +106,17 @@ def claim_run_directory(cfg: DictConfig, resume: str | None, rank: int = 0) -> s
         os.environ[ENV] = name
         return name
     raise ConfigError(f"{parent}: no free run directory named {base}[-n]")
+
+
+def set_aside(run_dir: str) -> str:
+    """Move what an attempt that left no checkpoint wrote in `run_dir` (config, event files) into
+    `run_dir/attempt-<n>/`, so the fresh start's curves are not drawn over it; returns that folder."""
+    entries = [e for e in os.listdir(run_dir) if not e.startswith("attempt-")]
+    n = 1
+    while os.path.exists(os.path.join(run_dir, f"attempt-{n}")):
+        n += 1
+    folder = os.path.join(run_dir, f"attempt-{n}")
+    os.mkdir(folder)
+    for entry in entries:
+        os.rename(os.path.join(run_dir, entry), os.path.join(folder, entry))
+    return folder

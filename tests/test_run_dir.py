@@ -76,3 +76,24 @@ def test_other_ranks_take_rank_zeros_name(tiny_cfg, monkeypatch):
     assert claim_run_directory(cfg, None, rank=1) == name
     monkeypatch.delenv(ENV)
     assert claim_run_directory(cfg, None, rank=1) == "lr=0.1"  # torchrun: LastCheckpoint broadcasts the path
+
+
+def test_a_requeued_job_without_a_checkpoint_starts_afresh_in_its_directory(tiny_cfg):
+    """SLURM requeues a job (`logging.run_name=x resume=auto`) that died before its first checkpoint: the run
+    starts over in `x` instead of failing on "already holds a run"; the first attempt's files are kept aside."""
+    import lightning as L
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 1:
+                raise RuntimeError("pre-empted")
+
+    job = ("logging.run_name=x", "resume=auto", "trainer.max_steps=2", "trainer.limit_val_batches=0")
+    with pytest.raises(RuntimeError, match="pre-empted"):
+        run(tiny_cfg(*job), Crash())
+    run_dir = os.path.join(tiny_cfg().logging.root, "quickstart", "x")
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    again = run(tiny_cfg(*job))
+    assert again.global_step == 2 and again.logger.log_dir == run_dir
+    assert os.path.isfile(os.path.join(run_dir, "attempt-1", "config.yaml"))
+    assert [f for f in os.listdir(os.path.join(run_dir, "attempt-1")) if f.startswith("events.out")]
