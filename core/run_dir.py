@@ -16,6 +16,7 @@ second never share one; ranks a launcher starts later take rank 0's choice from 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -85,7 +86,7 @@ def claim_run_directory(cfg: DictConfig, resume: str | None, rank: int = 0) -> s
     parent = os.path.join(cfg.logging.root, cfg.name)
     explicit = cfg.logging.run_name
     base = explicit or run_name_from_overrides(list(cfg.overrides))
-    if rank != 0:  # a rank started alongside rank 0: the first free name (checkpoint paths are broadcast)
+    if rank != 0:  # started alongside rank 0 (torchrun): its base name; LastCheckpoint broadcasts rank 0's path
         return base
     os.makedirs(parent, exist_ok=True)
     for n in range(1, 10_000):
@@ -93,13 +94,16 @@ def claim_run_directory(cfg: DictConfig, resume: str | None, rank: int = 0) -> s
         try:
             os.mkdir(os.path.join(parent, name))
         except FileExistsError:
-            if explicit and cfg.resume == "auto":  # a requeued job that died before its first checkpoint
-                set_aside(os.path.join(parent, name))
+            run_dir = os.path.join(parent, name)
+            if explicit and cfg.resume == "auto" and not glob.glob(os.path.join(run_dir, "checkpoints", "*.ckpt")):
+                # a requeued job that died before its first checkpoint (with one, resume=auto resumes it, or
+                # refuses below when the checkpoint is of another model)
+                set_aside(run_dir)
                 os.environ[ENV] = name
                 return name
             if explicit:
                 raise ConfigError(
-                    f"'logging.run_name' = {explicit!r}: {os.path.join(parent, name)} already holds a run; choose "
+                    f"'logging.run_name' = {explicit!r}: {run_dir} already holds a run; choose "
                     f"another name, or continue that run with resume=auto (or resume=<its checkpoint>)"
                 ) from None
             continue

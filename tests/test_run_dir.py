@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from core.config import ConfigError
 from core.run_dir import ENV, claim_run_directory, run_name_from_overrides
 from core.runner import run
 
@@ -97,3 +98,7 @@ def test_a_requeued_job_without_a_checkpoint_starts_afresh_in_its_directory(tiny
     assert again.global_step == 2 and again.logger.log_dir == run_dir
     assert os.path.isfile(os.path.join(run_dir, "attempt-1", "config.yaml"))
     assert [f for f in os.listdir(os.path.join(run_dir, "attempt-1")) if f.startswith("events.out")]
+    # its checkpoint now makes it a run of this model: another model's job under that name is refused
+    with pytest.raises(ConfigError, match="'logging.run_name' = 'x': .*already holds a run"):
+        run(tiny_cfg(*job, "model.projector=linear"))
+    assert os.listdir(run_dir).count("attempt-1") == 1 and not os.path.exists(os.path.join(run_dir, "attempt-2"))
