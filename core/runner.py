@@ -41,7 +41,7 @@ from lit_modules.callbacks import (
     ThroughputRates,
     ValidationSamples,
 )
-from lit_modules.callbacks.console import quiet_lightning
+from lit_modules.callbacks.console import progress_bar, quiet_lightning
 from lit_modules.vlm_module import VLMModule
 
 
@@ -186,6 +186,8 @@ def build_trainer(
         RunSummary(),
         ConsoleReport(),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
     if cfg.eval.sets:  # benchmark scores during and after training (core/evaluate.py)
         callbacks.append(Benchmarks(OmegaConf.to_object(cfg.eval).sets, cfg.eval.every_n_steps))
     args = OmegaConf.to_container(cfg.trainer)

@@ -108,6 +108,17 @@ def test_a_run_stopped_by_max_steps_continues_inside_its_epoch(tiny_cfg):
         assert longer.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
 
 
+def test_the_progress_bar_leaves_out_the_run_name(tiny_cfg):
+    """Lightning's bars show the logger version cut to 4 characters ("v_num: ults" for "defaults")."""
+    from lit_modules.callbacks.console import RichBar, TQDMBar
+
+    trainer = fit(tiny_cfg("trainer.enable_progress_bar=true", "trainer.max_steps=1", "trainer.limit_val_batches=0"))
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, (RichBar, TQDMBar)) and [c for c in trainer.callbacks if c is bar] == [bar]
+    shown = bar.get_metrics(trainer, trainer.lightning_module)
+    assert "v_num" not in shown and "train/loss" in shown, shown
+
+
 def train_cli(*args: str) -> subprocess.CompletedProcess:
     """`python train.py args...` as a user runs it."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")

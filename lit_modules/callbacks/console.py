@@ -8,8 +8,9 @@ import os
 import warnings
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from core.checkpoints import LastCheckpoint
 
@@ -30,6 +31,29 @@ def quiet_lightning() -> None:
             log.addFilter(_DropNoise())
     # Lightning 2.6 calls torch's deprecated pytree API itself; nothing a user can change.
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated")
+
+
+class _WithoutVersion:
+    """Leaves out `v_num`, the run's name, which Lightning's bars cut to its last 4 characters ("ults" of
+    "defaults"); the closing summary names the run directory."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RichBar(_WithoutVersion, RichProgressBar):
+    pass
+
+
+class TQDMBar(_WithoutVersion, TQDMProgressBar):
+    pass
+
+
+def progress_bar() -> L.Callback:
+    """The bar Lightning would pick (Rich where it is installed, else tqdm), without `v_num`."""
+    return RichBar() if _RICH_AVAILABLE else TQDMBar()
 
 
 def _fmt(metrics: dict, prefix: str) -> str:
