@@ -68,7 +68,7 @@ def metrics(curves: dict[str, list[tuple[int, float]]]) -> dict[str, str]:
             best = min(values) if "loss" in tag else max(values)
             out[f"{tag} best"] = f"{best:.4g}"
     steps = [s for points in curves.values() for s, _ in points]
-    out["steps"] = str(max(steps) if steps else 0)
+    out["last logged step"] = str(max(steps) if steps else 0)  # TensorBoard's 0-based step
     return out
 
 
