@@ -124,3 +124,11 @@ def set_aside(run_dir: str) -> str:
     for entry in entries:
         os.rename(os.path.join(run_dir, entry), os.path.join(folder, entry))
     return folder
+
+
+def release_run_directory(cfg: DictConfig, name: str) -> None:
+    """Remove the run directory `name` if it is still empty (claimed by a run that failed before writing)."""
+    try:
+        os.rmdir(os.path.join(cfg.logging.root, cfg.name, name))
+    except OSError:  # not empty (a resumed or set-aside run), or already gone
+        pass

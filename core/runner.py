@@ -27,7 +27,7 @@ from core.config import config_from_dict, save_config
 from core.evaluate import Benchmarks
 from core.predict import Predictor, find_checkpoint
 from core.preflight import check_files
-from core.run_dir import claim_run_directory
+from core.run_dir import claim_run_directory, release_run_directory
 from core.schema import ConfigError
 from core.strategy import build_strategy
 from datamodules import DATAMODULES, ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
@@ -209,12 +209,16 @@ def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
     run_name = claim_run_directory(cfg, resume, rank_zero_only.rank)  # before minutes of model building
     quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = build_tokenizer(cfg)
-    datamodule = build_datamodule(cfg, tokenizer)
-    module = build_module(cfg, tokenizer)
-    if cfg.init_from:
-        load_weights(module, cfg.init_from)
-    trainer = build_trainer(cfg, resume, module, run_name)
+    try:
+        tokenizer = build_tokenizer(cfg)
+        datamodule = build_datamodule(cfg, tokenizer)
+        module = build_module(cfg, tokenizer)
+        if cfg.init_from:
+            load_weights(module, cfg.init_from)
+        trainer = build_trainer(cfg, resume, module, run_name)
+    except BaseException:  # a build that fails leaves no empty run directory behind to take the name
+        release_run_directory(cfg, run_name)
+        raise
     trainer.callbacks.extend(callbacks)
     if trainer.is_global_zero:
         print(f"run directory: {trainer.logger.log_dir}  (tensorboard --logdir {cfg.logging.root})")

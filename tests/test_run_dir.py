@@ -102,3 +102,11 @@ def test_a_requeued_job_without_a_checkpoint_starts_afresh_in_its_directory(tiny
     with pytest.raises(ConfigError, match="'logging.run_name' = 'x': .*already holds a run"):
         run(tiny_cfg(*job, "model.projector=linear"))
     assert os.listdir(run_dir).count("attempt-1") == 1 and not os.path.exists(os.path.join(run_dir, "attempt-2"))
+
+
+def test_a_run_that_fails_while_building_leaves_no_directory(tiny_cfg, tmp_path):
+    cfg = _short(tiny_cfg(), "optim.lr=0.1")
+    cfg.model.llm.config.model_type = "no_such_model"  # after validation: the build itself fails
+    with pytest.raises(Exception, match="no_such_model"):
+        run(cfg)
+    assert os.listdir(tmp_path / "runs" / "quickstart") == []  # "lr=0.1" is free for the next attempt
