@@ -217,7 +217,8 @@ def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
             load_weights(module, cfg.init_from)
         trainer = build_trainer(cfg, resume, module, run_name)
     except BaseException:  # a build that fails leaves no empty run directory behind to take the name
-        release_run_directory(cfg, run_name)
+        if rank_zero_only.rank == 0:  # the rank that claimed it
+            release_run_directory(cfg, run_name)
         raise
     trainer.callbacks.extend(callbacks)
     if trainer.is_global_zero:
