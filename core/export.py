@@ -37,6 +37,7 @@ special tokens unless a request sets `add_special_tokens: true`; without it the 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import torch
@@ -221,6 +222,18 @@ def _check_ids(tokenizer, chat: str, template: str, system: str | None, image_fi
                 )
 
 
+def with_end_of_turn_as_eos(tokenizer, template: str):
+    """A copy of `tokenizer` whose EOS is the template's end of turn (chatml's `<|im_end|>`, llama3's
+    `<|eot_id|>`), as instruct models ship theirs: lmms-eval's llava_hf (and other callers) pass
+    `eos_token_id=tokenizer.eos_token_id` to generate(), which replaces generation_config's stop ids."""
+    end = TEMPLATES.get(template).stop if template != "plain" else None
+    if end is None or end == tokenizer.eos_token or len(tokenizer.encode(end, add_special_tokens=False)) != 1:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = end
+    return tokenizer
+
+
 def export_llava(module, template: str, out_dir: str) -> str:
     """Write `out_dir` (safetensors weights, config, processor, tokenizer); returns it."""
     _check(module)
@@ -228,6 +241,7 @@ def export_llava(module, template: str, out_dir: str) -> str:
     run = module.hparams["config"]
     image_token = run["model"]["image_token"]
     chat = chat_template(tokenizer, template, run["data"]["system_prompt"], run["data"]["image_first"], image_token)
+    tokenizer = with_end_of_turn_as_eos(tokenizer, template)
     tower = vision.model
     vision_config = tower.config.to_dict()
     vision_config["num_hidden_layers"] = len(tower.encoder.layers)  # the layers kept up to select_layer
