@@ -20,12 +20,7 @@ from core.runner import build_module, load_predictor
 from datamodules import load_tokenizer
 from datamodules.llava_data import LLaVADataset, Sample, collate
 from datamodules.templates import TEMPLATES, VICUNA_SYSTEM, Template, encode
-from tests.helpers import fit, tiny_overrides
-
-TINY_CLIP = (
-    "model.encoder={name: clip, config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3,"
-    " num_attention_heads: 2, image_size: 32, patch_size: 8}}"
-)
+from tests.helpers import TINY_CLIP, fit, tiny_overrides
 
 
 @pytest.fixture(scope="module", params=["chatml", "vicuna_v1"])

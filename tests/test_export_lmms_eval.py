@@ -25,9 +25,7 @@ from core.export import export_llava
 from core.predict import PLACEHOLDER_ANSWER
 from core.runner import build_module, load_predictor
 from datamodules.llava_data import LLaVADataset, Sample, collate
-from tests.helpers import fit, tiny_overrides
-from tests.test_export import TINY_CLIP
-from tests.test_lmms_eval import record, shapes_docs, write_tasks
+from tests.helpers import TINY_CLIP, fit, record, shapes_docs, tiny_overrides, write_tasks
 
 MAX_NEW_TOKENS = 4  # the task's, written by write_tasks (with until ["\n\n"])
 # device_map: llava_hf's default "" fails in transformers' from_pretrained (test_llava_hf_needs_a_device_map)

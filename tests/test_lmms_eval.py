@@ -8,7 +8,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -21,14 +20,9 @@ from core.config import EXPERIMENTS_DIR
 from core.predict import Predictor
 from core.runner import build_datamodule, build_module, load_predictor
 from datamodules.llava_data import LLaVADataset, Sample
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_CLIP, record, shapes_docs, write_tasks
 from tools.lmms_eval import VLMLightning, cut_at, main
 
-TASK_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "lmms_task")
-TINY_CLIP = (  # as in tests/test_export.py
-    "model.encoder={name: clip, config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3,"
-    " num_attention_heads: 2, image_size: 32, patch_size: 8}}"
-)
 # name -> (overrides of the shrunk quickstart, experiment file): one of each kind of vision tower
 ENCODERS = {
     "timm": ((), None),  # the quickstart's ViT
@@ -39,30 +33,6 @@ ENCODERS = {
     "sam_vit_b": (("model.encoder={name: sam_vit_b, image_size: 32}",), None),
 }
 GREEDY = {"max_new_tokens": 4, "until": ["\n\n"], "do_sample": False}  # what a task YAML typically sets
-
-
-def shapes_docs(shapes_root: str) -> list[dict]:
-    """lmms-eval docs: five held-out shapes questions about an image, and one text-only question."""
-    val = json.load(open(os.path.join(shapes_root, "sft_val.json")))[:5]
-    docs = [
-        {
-            "image": os.path.join(shapes_root, r["image"]),
-            "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
-            "answer": r["conversations"][1]["value"],
-        }
-        for r in val
-    ]
-    return docs + [{"image": None, "question": "What color is the sky?", "answer": "blue"}]
-
-
-def record(doc: dict, shapes_root: str, answer: str | None = None) -> dict:
-    """The doc as a LLaVA-format record for the project's own tools (with `answer` as its gpt turn)."""
-    question = doc["question"] if doc["image"] is None else "<image>\n" + doc["question"]
-    turns = [{"from": "human", "value": question}] + ([{"from": "gpt", "value": answer}] if answer else [])
-    rec = {"id": doc["question"], "conversations": turns}
-    if doc["image"]:
-        rec["image"] = os.path.relpath(doc["image"], shapes_root)
-    return rec
 
 
 def doc_to_visual(doc: dict) -> list:
@@ -183,39 +153,6 @@ def test_a_bad_run_or_model_arg_is_one_line_naming_it(tmp_path, capsys):
         assert main(["--model_args", model_args, "--tasks", "anything"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1
-
-
-# The local tasks: the JSONL written by the test, the functions in tests/fixtures/lmms_task/utils.py.
-TASKS = {
-    "shapes_vqa": """
-output_type: generate_until
-doc_to_target: answer
-generation_kwargs: {max_new_tokens: 4, until: ["\\n\\n"], do_sample: false}
-metric_list:
-  - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true}
-""",
-    "shapes_mc": """
-output_type: multiple_choice
-doc_to_choice: !function utils.doc_to_choice
-doc_to_target: !function utils.doc_to_choice_index
-metric_list:
-  - {metric: acc, aggregation: mean, higher_is_better: true}
-""",
-}
-
-
-def write_tasks(folder, rows: list[dict]) -> str:
-    os.makedirs(folder)
-    shutil.copy(os.path.join(TASK_FILES, "utils.py"), folder)
-    data = os.path.join(folder, "shapes.jsonl")
-    with open(data, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    for name, body in TASKS.items():
-        with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
-            f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\n")
-            f.write("test_split: test\ndoc_to_visual: !function utils.doc_to_visual\n")
-            f.write("doc_to_text: !function utils.doc_to_text\n" + body)
-    return str(folder)
 
 
 def test_simple_evaluate_takes_the_model_object(tiny_cfg, shapes_root, tmp_path, monkeypatch):

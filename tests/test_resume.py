@@ -41,7 +41,9 @@ def test_killed_and_resumed_runs_log_the_uninterrupted_losses(shapes_root, tmp_p
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     cwd = str(tmp_path)
     # The uninterrupted run, beside the interrupted one and in a root of its own (resume=auto never picks it).
-    reference = start_training(train_cli_args(shapes_root, str(tmp_path / "ref"), *COMMON, "logging.run_name=full"), cwd)
+    reference = start_training(
+        train_cli_args(shapes_root, str(tmp_path / "ref"), *COMMON, "logging.run_name=full"), cwd
+    )
 
     # 1. 2 workers, SIGKILL after the step-3 checkpoint (mid-epoch 0).
     proc = start_training(args("logging.run_name=cut", "data.num_workers=2", "checkpoint.every_n_train_steps=3"), cwd)
