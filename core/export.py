@@ -280,6 +280,7 @@ def export_llava(module, template: str, out_dir: str) -> str:
     # LLM config's EOS (Qwen2's <|endoftext|> is not chatml's <|im_end|>)
     hf.generation_config.eos_token_id = list(module.stop_ids)
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    hf.generation_config.max_new_tokens = run["eval"]["max_new_tokens"]  # the run's answer budget
     hf.save_pretrained(out_dir)
     recipe = vision.preprocess
     if getattr(recipe, "shortest_edge", None) is None or getattr(recipe, "crop", None) is None:

@@ -26,6 +26,7 @@ from core.checkpoints import AtomicCheckpointIO, BestCheckpoints, LastCheckpoint
 from core.config import config_from_dict, save_config
 from core.evaluate import Benchmarks
 from core.predict import Predictor, find_checkpoint
+from core.predict_exported import ExportedPredictor, is_export
 from core.preflight import check_files
 from core.run_dir import claim_run_directory, release_run_directory
 from core.schema import ConfigError
@@ -139,7 +140,12 @@ def _same_model(cfg: DictConfig, run_dir: str) -> bool:
 
 def load_predictor(path: str, checkpoint: str = "last", overrides: list[str] | tuple[str, ...] = ()) -> Predictor:
     """A `Predictor` from a run directory (its last.ckpt, or the best with checkpoint="best") or a
-    checkpoint file; `overrides` adjust the stored config (`key=value`)."""
+    checkpoint file; `overrides` adjust the stored config (`key=value`). An export directory (core/export.py)
+    gives an `ExportedPredictor` (same interface; `checkpoint` and `overrides` do not apply)."""
+    if os.path.isdir(path) and is_export(path):
+        if overrides:
+            raise ConfigError(f"{path} is an exported model: config overrides {list(overrides)} do not apply")
+        return ExportedPredictor(path)
     module = load_module(find_checkpoint(path, checkpoint), overrides)
     cfg = config_from_dict(module.hparams["config"], overrides)
     return Predictor(module, build_datamodule(cfg, module.tokenizer))

@@ -32,12 +32,12 @@ def exported(shapes_root, tmp_path_factory, request):
     cfg = load_config(None, tiny_overrides(shapes_root, runs) + overrides)
     predictor = load_predictor(fit(cfg).logger.log_dir)
     out = export_llava(predictor.module, predictor.datamodule.template, str(tmp_path_factory.mktemp("export")))
-    return predictor, LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    return predictor, LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out), out
 
 
 @pytest.mark.parametrize("photo", ["astronaut", "coffee", "rocket"])
 def test_exported_model_equals_the_project(exported, photo, tmp_path):
-    predictor, hf, processor = exported
+    predictor, hf, processor, _ = exported
     dm, module = predictor.datamodule, predictor.module
     Image.fromarray(getattr(photos, photo)()).save(tmp_path / "photo.png")
     question = "What color are the shapes?"
@@ -65,6 +65,27 @@ def test_exported_model_equals_the_project(exported, photo, tmp_path):
     generated = hf.generate(**theirs, max_new_tokens=6)
     answer = processor.decode(generated[0, theirs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert answer == predictor.ask(question, str(tmp_path / "photo.png"), max_new_tokens=6)
+
+
+def test_predict_takes_an_export_and_answers_as_the_run(exported, shapes_root, tmp_path):
+    """`tools.predict <export dir>` (load_predictor -> ExportedPredictor: transformers' model, processor and
+    chat template) answers held-out records, batched or one by one, and a question, as the run's Predictor."""
+    import json
+
+    from core.predict_exported import ExportedPredictor
+    from tools.predict import main
+
+    predictor, _, _, out = exported
+    records = json.load(open(os.path.join(shapes_root, "sft_val.json")))[:6]
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "What color is the sky?"}]})
+    loaded = load_predictor(out)
+    assert isinstance(loaded, ExportedPredictor)
+    ours = predictor.answer_records(records, shapes_root, batch_size=4)
+    assert loaded.answer_records(records, shapes_root, batch_size=4) == ours
+    assert loaded.answer_records(records, shapes_root, batch_size=1) == ours
+    image = os.path.join(shapes_root, records[0]["image"])
+    main([out, "--image", image, "--question", "What color are the shapes?"])
+    assert predictor.ask("What color are the shapes?", image) == loaded.ask("What color are the shapes?", image)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@
     python -m tools.predict runs/quickstart/defaults --chat --image photo.png
 
 RUN is a run directory (its checkpoints/last.ckpt, or the best one with --checkpoint best) or a checkpoint
-file; the model, template and image preprocessing come from the config stored in the checkpoint. Greedy by
+file; the model, template and image preprocessing come from the config stored in the checkpoint. RUN may
+also be an export (python -m tools.export): transformers' LLaVA with its processor and chat template. Greedy by
 default; --temperature > 0 samples (with --top-p). Generation stops at the template's end-of-turn token.
 --data takes a LLaVA JSON list or JSONL records and writes JSONL: id, question, answer, and reference
 when the record has a last gpt turn.
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run", help="run directory or checkpoint file")
+    parser.add_argument("run", help="run directory, checkpoint file or export directory")
     parser.add_argument("--checkpoint", default="last", choices=["last", "best"], help="which checkpoint of a run")
     parser.add_argument("--image", help="an image file (one question, or the chat's image)")
     parser.add_argument("--question", help="one question")
