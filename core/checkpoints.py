@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
+import threading
 from typing import Any, Optional
 
 import lightning as L
@@ -85,8 +87,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(L.Callback):
     """`dirpath/last.ckpt`, overwritten: every `every_n_train_steps` steps (None: epoch ends only), after
-    each training epoch, and on SIGTERM (Lightning turns the signal into `SIGTERMException` after the
-    current batch; `core.runner.run` then exits with status 143, so a scheduler sees the job failed).
+    each training epoch, and on SIGTERM: its handler notes the signal, at the next training step's end all
+    ranks agree on it in one all-reduce and save, and the next step raises `SIGTERMException` before it
+    runs (a signal during validation acts after it); `core.runner.run` then exits with status 143, so a
+    scheduler sees the job did not finish.
 
     A checkpoint written during training after an epoch's last batch (at the epoch's end, or on SIGTERM
     there) records its loops as "epoch e+1 about to start" (`at_next_epoch_start`): Lightning 2.6 resumes
@@ -105,6 +109,7 @@ class LastCheckpoint(L.Callback):
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self._saved_step: int | None = None
+        self._sigterm = self._stopping = False
 
     @property
     def path(self) -> str:
@@ -125,7 +130,27 @@ class LastCheckpoint(L.Callback):
             remove_stale_temporaries(self.dirpath)
         self._saved_step = trainer.global_step  # a resumed run does not rewrite the checkpoint it started from
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6's SIGTERM handler calls dist.broadcast inside the handler: a collective at whatever point
+        # each rank's program is, which under DDP can meet another collective (a 2-process job SIGTERMed during
+        # training exited 1 instead of saving, now and then). Here the handler only sets a flag, and the ranks
+        # agree on it at the next step boundary, all in the same all-reduce.
+        self._sigterm = self._stopping = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note_sigterm)  # Lightning restores its caller's handler at teardown
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._stopping:  # here, not right after the save: Lightning logs a step's metrics after its hooks
+            raise SIGTERMException  # core.runner.run exits with status 143
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.strategy.reduce_boolean_decision(self._sigterm, all=False):  # SIGTERM on any rank
+            self._save(trainer)
+            self._stopping = True
+            return
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save(trainer)

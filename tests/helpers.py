@@ -135,7 +135,7 @@ def kill_after_checkpoint(proc, checkpoint: str, timeout: float = 300, sig: int 
             raise AssertionError(f"no {checkpoint} after {timeout} s")
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL if sig is None else sig)
-    proc.communicate(timeout=timeout)
+    proc.output = proc.communicate(timeout=timeout)[0]  # for the caller's failure messages
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
 
 

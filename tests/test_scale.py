@@ -209,7 +209,7 @@ def test_sigterm_under_ddp_saves_and_resumes_exactly(shapes_root, tmp_path):
     two = _start(tmp_path, shapes_root, "two", *ddp, "checkpoint.every_n_train_steps=3")
     last = tmp_path / "runs" / "quickstart" / "two" / "checkpoints" / "last.ckpt"
     stopped = kill_after_checkpoint(two, str(last), sig=signal.SIGTERM)
-    assert two.returncode == SIGTERM_EXIT and stopped >= 3
+    assert two.returncode == SIGTERM_EXIT and stopped >= 3, two.output[-4000:]
     again = _start(tmp_path, shapes_root, "two", *ddp, "resume=auto")
     one, two = _losses(tmp_path, one, "one"), _losses(tmp_path, again, "two")
     assert sorted(one) == list(range(16)) and set(range(3, 16)) <= set(two)
