@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import warnings
 from collections import Counter
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from core.schema import DataConfig
@@ -28,6 +31,16 @@ log = logging.getLogger(__name__)
 # Mid-epoch resume is exact here: the DataModule's state_dict carries the epoch position to the sampler
 # (`GroupedSampler.skip`), which Lightning's check for resumable *DataLoaders* does not look at.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def init_worker(worker_id: int, rank: int) -> None:
+    """A DataLoader worker ignores SIGTERM: a scheduler (SLURM) signals every process of a job, and a worker
+    killed by it fails the training process's next fetch ("DataLoader worker ... is killed by signal") before
+    that process can save and exit 143 (core/checkpoints.py); the workers end with it. Then Lightning's
+    worker seeding (`seed_everything(workers=True)`), which it adds only to loaders without an init function."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 class LLaVADataModule(L.LightningDataModule):
@@ -144,6 +157,7 @@ class LLaVADataModule(L.LightningDataModule):
             collate_fn=self._collate_fn(train),
             persistent_workers=self.data.persistent_workers and self.data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=functools.partial(init_worker, rank=rank) if self.data.num_workers > 0 else None,
         )
 
     def _collate_fn(self, train: bool):

@@ -53,12 +53,13 @@ def test_killed_and_resumed_runs_log_the_uninterrupted_losses(shapes_root, tmp_p
     #    last batch).
     proc = start_training(args("resume=auto", "data.num_workers=4", "data.persistent_workers=false"), cwd)
     assert kill_after_checkpoint(proc, last) == 7
-    # 3. no workers, a checkpoint after step 8 (the first batch of epoch 1), then SIGTERM as SLURM sends it.
-    proc = start_training(args("resume=auto", "checkpoint.every_n_train_steps=8"), cwd)
+    # 3. 2 workers, a checkpoint after step 8 (the first batch of epoch 1), then SIGTERM to every process (workers
+    #    too) as SLURM sends it.
+    proc = start_training(args("resume=auto", "checkpoint.every_n_train_steps=8", "data.num_workers=2"), cwd)
     assert kill_after_checkpoint(proc, last, sig=signal.SIGTERM) >= 8  # saved again after the batch in flight
     assert proc.returncode == SIGTERM_EXIT  # the scheduler sees the job did not finish
-    # 4. 2 workers to the end, across the epoch-1 / epoch-2 boundary.
-    _finish(start_training(args("resume=auto", "data.num_workers=2"), cwd))
+    # 4. no workers to the end, across the epoch-1 / epoch-2 boundary.
+    _finish(start_training(args("resume=auto", "data.num_workers=0"), cwd))
 
     full = scalars(str(tmp_path / "ref" / "quickstart" / "full"), "train/loss")
     resumed = scalars(run_dir, "train/loss")
