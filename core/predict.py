@@ -34,7 +34,27 @@ def find_checkpoint(path: str, which: str = "last") -> str:
     return max(found, key=os.path.getmtime)
 
 
-class Predictor:
+class Asking:
+    """`ask` on top of `answer_records(records, image_folder, batch_size, **options)` and `image_token`
+    (Predictor here, ExportedPredictor in core/predict_exported.py)."""
+
+    image_token: str
+
+    def ask(self, question: str, image: str | None = None, history: list[tuple[str, str]] = (), **options) -> str:
+        """One answer: `question` after the earlier (question, answer) turns of `history`, about `image`."""
+        turns = []
+        for q, a in [*history, (question, None)]:
+            turns.append({"from": "human", "value": q})
+            if a is not None:
+                turns.append({"from": "gpt", "value": a})
+        if image is not None:
+            turns[0] = {"from": "human", "value": f"{self.image_token}\n{turns[0]['value']}"}
+        record = {"id": "ask", "image": os.path.basename(image) if image else None, "conversations": turns}
+        folder = os.path.dirname(os.path.abspath(image)) if image else None
+        return self.answer_records([record], folder, batch_size=1, **options)[0]
+
+
+class Predictor(Asking):
     """Generation with a trained `VLMModule` and the DataModule that fed it (template, preprocessing).
 
     Args:
@@ -45,6 +65,7 @@ class Predictor:
     def __init__(self, module, datamodule) -> None:
         self.module = module
         self.datamodule = datamodule
+        self.image_token = datamodule.image_token
 
     @torch.no_grad()
     def answer_records(
@@ -97,16 +118,3 @@ class Predictor:
         )
         return [module.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
 
-    def ask(self, question: str, image: str | None = None, history: list[tuple[str, str]] = (), **options) -> str:
-        """One answer: `question` after the earlier (question, answer) turns of `history`, about `image`."""
-        turns = []
-        for q, a in [*history, (question, None)]:
-            turns.append({"from": "human", "value": q})
-            if a is not None:
-                turns.append({"from": "gpt", "value": a})
-        if image is not None:
-            token = self.datamodule.image_token
-            turns[0] = {"from": "human", "value": f"{token}\n{turns[0]['value']}"}
-        record = {"id": "ask", "image": os.path.basename(image) if image else None, "conversations": turns}
-        folder = os.path.dirname(os.path.abspath(image)) if image else None
-        return self.answer_records([record], folder, batch_size=1, **options)[0]

@@ -3,10 +3,11 @@ processor the export wrote, so `tools.predict` takes an export as it takes a run
 
     python -m tools.predict exported/X --image photo.png --question "What color are the shapes?"
 
-The same interface as `core.predict.Predictor` (`answer_records`, `ask`). Prompts go through the exported
-chat template (the run's training template) as strings in LLaVA's form (`<image>\\n` + question), images
-through `datamodules.images.load_image` and the exported image processor, generation through
-`generate()` with the exported generation config (the run's stop ids, its `eval.max_new_tokens`).
+The same interface as `core.predict.Predictor` (`answer_records`; `ask` from their base `Asking`).
+Prompts go through the exported chat template (the run's training template) as strings in LLaVA's form
+(`<image>\\n` + question), images through `datamodules.images.load_image` and the exported image
+processor, generation through `generate()` with the exported generation config (the run's stop ids,
+its `eval.max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from core.predict import Asking
 from datamodules.images import load_image
 
 
@@ -26,7 +28,7 @@ def is_export(path: str) -> bool:
     )
 
 
-class ExportedPredictor:
+class ExportedPredictor(Asking):
     """Generation with an exported LLaVA model and its processor.
 
     Args:
@@ -83,15 +85,3 @@ class ExportedPredictor:
                 for i, tokens in zip(chunk, new):
                     answers[i] = self.processor.decode(tokens, skip_special_tokens=True).strip()
         return answers
-
-    def ask(self, question: str, image: str | None = None, history: list[tuple[str, str]] = (), **options) -> str:
-        """One answer: `question` after the earlier (question, answer) turns of `history`, about `image`."""
-        turns = []
-        for q, a in [*history, (question, None)]:
-            turns.append({"from": "human", "value": q})
-            if a is not None:
-                turns.append({"from": "gpt", "value": a})
-        if image is not None:
-            turns[0] = {"from": "human", "value": f"{self.image_token}\n{turns[0]['value']}"}
-        record = {"id": "ask", "image": os.path.abspath(image) if image else None, "conversations": turns}
-        return self.answer_records([record], None, batch_size=1, **options)[0]
