@@ -117,4 +117,3 @@ class Predictor(Asking):
             top_p,
         )
         return [module.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
-
