@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -105,6 +106,12 @@ def _compose(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
             source = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {item!r}: {err}") from None
+        except yaml.YAMLError as err:  # the value is not YAML, e.g. a {mapping} split by the shell
+            where = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({where}); quote the whole override "
+                "when its value has spaces, e.g. 'model.llm.config={hidden_size: 64, num_hidden_layers: 2}'"
+            ) from None
         cfg = _merge(cfg, source, f"override {item!r}")
     validate(cfg)
     return cfg

@@ -81,6 +81,8 @@ def test_encoder_swap_replaces_the_block(tmp_path):
         ("model.llm.path=some/dir", "set exactly one of 'model.llm.path'"),
         ("optim.lr_per_part={vision: 0.1}", "'optim.lr_per_part.vision' = 'vision' is not valid"),
         ("novalue", "is not key=value"),
+        # a mapping the shell split at its spaces: the override names itself and says to quote it
+        ("model.llm.config={model_type:", "override 'model.llm.config={model_type:': the value is not valid YAML"),
     ],
 )
 def test_validation_errors_name_the_key(tmp_path, override, needle):
