@@ -93,14 +93,18 @@ def step(model, inputs: dict, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def count_flops(model, inputs: dict) -> int:
+def count_flops(model, inputs: dict, attn: str) -> int:
+    """FLOPs of one forward + backward. Counted with eager attention: FlopCounterMode's SDPA formula
+    rejects grouped-query shapes (fewer key/value heads), and eager attention does the same matmuls."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    model.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**inputs).loss
         loss.backward()
     model.zero_grad(set_to_none=True)
+    model.set_attn_implementation(attn)
     return counter.get_total_flops()
 
 
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0)
     inputs = batch(model, a.batch, a.text, device)
-    flops = count_flops(model, inputs)
+    flops = count_flops(model, inputs, a.attn)
     times = []
     for i in range(a.warmup + a.steps):
         torch.cuda.synchronize()

@@ -76,6 +76,7 @@ class LLaVADataModule(L.LightningDataModule):
         self.skipped: Counter = Counter()  # reason -> records dropped (logged to TensorBoard)
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
         self._resume: tuple[int, int] | None = None  # (epoch, samples per rank) from a checkpoint
+        self._train_sampler: GroupedSampler | None = None  # the training loader's, once built
         self.train_set = self.val_set = None
 
     def encode(self, record: dict):
@@ -140,13 +141,9 @@ class LLaVADataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        if train and self._resume is not None:
-            # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
-            # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
-            # first indices right then (with num_workers=0 the sampler starts lazily, after set_epoch).
-            sampler.set_epoch(self._resume[0])
-            sampler.resume_at(*self._resume)
-            self._resume = None
+        if train:
+            self._train_sampler = sampler
+            self._apply_resume()
         return DataLoader(
             # training: the repeats that even out the ranks' last batch score nothing (datamodules/sampler.py);
             # validation keeps DistributedSampler's semantics (a repeat may be scored twice).
@@ -185,6 +182,19 @@ class LLaVADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0))
+        # FSDP and DeepSpeed restore after their setup, where configure_optimizers' estimated_stepping_batches
+        # has already built the training loader: its sampler takes the position now (its iterator comes later).
+        self._apply_resume()
+
+    def _apply_resume(self) -> None:
+        if self._resume is None or self._train_sampler is None:
+            return
+        # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
+        # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
+        # first indices right then (with num_workers=0 the sampler starts lazily, after set_epoch).
+        self._train_sampler.set_epoch(self._resume[0])
+        self._train_sampler.resume_at(*self._resume)
+        self._resume = None
 
 
 class AlignmentDataModule(LLaVADataModule):

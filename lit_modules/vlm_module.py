@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -140,6 +141,15 @@ class VLMModule(L.LightningModule):
             self.log("hparams/val_loss", loss)
 
     # ---- optimisation --------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's FSDP precision plugin refuses to clip by norm (every FSDP run with `gradient_clip_val`
+        # failed at its first step); the root FSDP module's clip_grad_norm_ takes the norm over all shards.
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(model, FSDP):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # Every trainable parameter steps every step, as under DDP: there a text-only batch still sends the
         # vision path a zero gradient (VisionLanguageModel.embed), so AdamW applies its momentum and weight

@@ -108,6 +108,26 @@ def test_a_run_stopped_by_max_steps_continues_inside_its_epoch(tiny_cfg):
         assert longer.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_strategy_that_restores_after_its_setup_resumes_mid_epoch_exactly(tiny_cfg, monkeypatch):
+    """FSDP and DeepSpeed restore a checkpoint after their setup, where configure_optimizers'
+    estimated_stepping_batches has already built the training loader; its sampler must still take the
+    checkpoint's position. Both resumed at the epoch's first batch on an H100 (bench/gpu_round_trips.py).
+    Here the single-device strategy restores the same way."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    monkeypatch.setattr(SingleDeviceStrategy, "restore_checkpoint_after_setup", property(lambda self: True))
+    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01")
+    constant = ("optim.warmup_ratio=0", "optim.min_lr_ratio=1.0")
+    full = LossRecorder()
+    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=full"), full)
+    fit(tiny_cfg(*common, *constant, "trainer.max_steps=4", "logging.run_name=short"))
+    resumed = LossRecorder()
+    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=short", "resume=auto"), resumed)
+    assert sorted(resumed.losses) == list(range(5, 10))
+    for step in range(5, 10):
+        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+
+
 def test_the_progress_bar_leaves_out_the_run_name(tiny_cfg):
     """Lightning's bars show the logger version cut to 4 characters ("v_num: ults" for "defaults")."""
     from lit_modules.callbacks.console import RichBar, TQDMBar

@@ -106,7 +106,9 @@ def vision_flops_per_image(vision: nn.Module) -> dict[str, PartFlops]:
             handles.append(mod.register_forward_hook(on_attention(name), with_kwargs=True))
     try:
         with torch.no_grad():
-            meta(torch.zeros(1, 3, vision.image_size, vision.image_size, device="meta"))
+            # in the tower's own dtype: DeepSpeed's bf16 casts the model's weights, not its inputs
+            dtype = next((p.dtype for p in meta.parameters() if p.is_floating_point()), torch.float32)
+            meta(torch.zeros(1, 3, vision.image_size, vision.image_size, device="meta", dtype=dtype))
     finally:
         for h in handles:
             h.remove()
