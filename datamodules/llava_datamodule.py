@@ -143,7 +143,13 @@ class LLaVADataModule(L.LightningDataModule):
         )
         if train:
             self._train_sampler = sampler
-            self._apply_resume()
+        if train and self._resume is not None:
+            # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
+            # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
+            # first indices right then (with num_workers=0 the sampler starts lazily, after set_epoch).
+            sampler.set_epoch(self._resume[0])
+            sampler.resume_at(*self._resume)
+            self._resume = None
         return DataLoader(
             # training: the repeats that even out the ranks' last batch score nothing (datamodules/sampler.py);
             # validation keeps DistributedSampler's semantics (a repeat may be scored twice).
@@ -182,19 +188,12 @@ class LLaVADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0))
-        # FSDP and DeepSpeed restore after their setup, where configure_optimizers' estimated_stepping_batches
-        # has already built the training loader: its sampler takes the position now (its iterator comes later).
-        self._apply_resume()
-
-    def _apply_resume(self) -> None:
-        if self._resume is None or self._train_sampler is None:
-            return
-        # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
-        # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
-        # first indices right then (with num_workers=0 the sampler starts lazily, after set_epoch).
-        self._train_sampler.set_epoch(self._resume[0])
-        self._train_sampler.resume_at(*self._resume)
-        self._resume = None
+        if self._train_sampler is not None and self.trainer is not None:
+            # FSDP and DeepSpeed restore after their setup, where configure_optimizers' estimated_stepping_batches
+            # has already built the training loader and started its iterator: DataLoader workers drew their
+            # first indices from the epoch's start. The fit loop builds the loader again, from this position
+            # (Lightning 2.6 keeps it in a private attribute; `_combined_loader = None` is what a reload does).
+            self.trainer.fit_loop._combined_loader = None
 
 
 class AlignmentDataModule(LLaVADataModule):

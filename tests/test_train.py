@@ -112,11 +112,12 @@ def test_a_strategy_that_restores_after_its_setup_resumes_mid_epoch_exactly(tiny
     """FSDP and DeepSpeed restore a checkpoint after their setup, where configure_optimizers'
     estimated_stepping_batches has already built the training loader; its sampler must still take the
     checkpoint's position. Both resumed at the epoch's first batch on an H100 (bench/gpu_round_trips.py).
-    Here the single-device strategy restores the same way."""
+    Here the single-device strategy restores the same way, with DataLoader workers (they draw their first
+    indices as soon as that early loader's iterator exists)."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     monkeypatch.setattr(SingleDeviceStrategy, "restore_checkpoint_after_setup", property(lambda self: True))
-    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01")
+    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01", "data.num_workers=2")
     constant = ("optim.warmup_ratio=0", "optim.min_lr_ratio=1.0")
     full = LossRecorder()
     fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=full"), full)
