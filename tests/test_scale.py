@@ -118,6 +118,40 @@ def test_sharded_fsdp_checkpoints_keep_frozen_weights_and_load_without_state_dic
     assert not any(k.startswith("model.llm.") for k in state["state_dict"])  # files still drop the frozen LLM
 
 
+def test_fsdp_clips_gradients_by_their_norm_over_all_shards():
+    """Lightning's FSDP precision plugin refuses norm clipping: every FSDP run with `gradient_clip_val` (base.yaml
+    sets 1.0) failed at its first step on an H100. VLMModule clips through the root FSDP module instead; the
+    clipped gradients equal torch's clip_grad_norm_ on an unwrapped copy (FSDP on CPU, one gloo process)."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lit_modules.vlm_module import VLMModule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+    reference = copy.deepcopy(net)
+    x = torch.randn(4, 8)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(net, device_id=torch.device("cpu"), use_orig_params=True)
+        (wrapped(x) ** 2).sum().backward()
+        (reference(x) ** 2).sum().backward()
+        module = type("M", (), {"_trainer": type("T", (), {"strategy": type("S", (), {"model": wrapped})()})()})()
+        VLMModule.configure_gradient_clipping(module, None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        for (name, p), q in zip(wrapped.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+        assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in wrapped.parameters()])) <= 0.5 + 1e-6
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- atomic checkpoints --------------------------------------------------------------------------
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatch):
     from tests.helpers import fit
