@@ -52,10 +52,9 @@ NEEDS = {
 }
 # the uninterrupted curve each case is compared with
 REFERENCE = {"qlora_4bit": "lora_bf16", "qlora_8bit": "lora_bf16"}
-DEVICE_OVERRIDES = ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"]
 
 
-def common_overrides(work: str, steps: int) -> list[str]:
+def common_overrides(work: str, steps: int, device: list[str]) -> list[str]:
     return [
         f"logging.root={work}/runs",
         f"data.builtin.root={work}/shapes",
@@ -64,7 +63,7 @@ def common_overrides(work: str, steps: int) -> list[str]:
         "data.num_workers=2",
         "trainable=[projector,llm]",
         "trainer.devices=1",
-        *DEVICE_OVERRIDES,
+        *device,
         "trainer.deterministic=warn",
         "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=1",
@@ -100,14 +99,14 @@ def checkpoint_on_disk(run_dir: str) -> dict:
     return {"kind": f"directory, {len(files)} files", "MB": round(sum(map(os.path.getsize, files)) / 2**20, 2)}
 
 
-def prepare(work: str, steps: int) -> str:
+def prepare(work: str, steps: int, device: list[str]) -> str:
     """The shapes data (written once, before the cases run side by side) and LoRA's frozen base: the
     quickstart's LLM (random init) and tokenizer saved as a pretrained directory."""
     from core.config import load_config
     from core.runner import build_datamodule, build_module, build_tokenizer
 
     path = os.path.join(work, "base-llm")
-    cfg = load_config(None, common_overrides(work, steps))
+    cfg = load_config(None, common_overrides(work, steps, device))
     tokenizer = build_tokenizer(cfg)
     build_datamodule(cfg, tokenizer)
     build_module(cfg, tokenizer).model.llm.save_pretrained(path)
@@ -115,13 +114,13 @@ def prepare(work: str, steps: int) -> str:
     return path
 
 
-def run_case(name: str, work: str, steps: int, port: int, base: str) -> dict:
+def run_case(name: str, work: str, steps: int, device: list[str], port: int, base: str) -> dict:
     need = NEEDS.get(name)
     if need and importlib.util.find_spec(need) is None:
         return {"case": name, "skipped": f"{need} is not installed"}
     log = os.path.join(work, f"{name}.log")
     env = dict(os.environ, MASTER_PORT=str(port), CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONUNBUFFERED="1")
-    args = ["experiments/quickstart.yaml", *common_overrides(work, steps)]
+    args = ["experiments/quickstart.yaml", *common_overrides(work, steps, device)]
     args += [a.replace("{base}", base) for a in CASES[name]]
     args += [f"name=rt_{name}"]
     result: dict = {"case": name, "log": log}
@@ -182,14 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.accelerator == "gpu" and not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    global DEVICE_OVERRIDES
-    DEVICE_OVERRIDES = [f"trainer.accelerator={a.accelerator}", f"trainer.precision={a.precision}"]
+    device = [f"trainer.accelerator={a.accelerator}", f"trainer.precision={a.precision}"]
     names = a.cases or list(CASES)
     work = a.work or tempfile.mkdtemp(prefix="round_trips_")
     os.makedirs(work, exist_ok=True)
-    base = prepare(work, a.steps)
+    base = prepare(work, a.steps, device)
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(names)) as pool:
-        futures = [pool.submit(run_case, n, work, a.steps, 29500 + 7 * i, base) for i, n in enumerate(names)]
+        futures = [pool.submit(run_case, n, work, a.steps, device, 29500 + 7 * i, base) for i, n in enumerate(names)]
         results = [f.result() for f in futures]
     by_name = {r["case"]: r for r in results}
     for r in results:
@@ -198,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             common = set(r["full"]) & set(ref["full"])
             r["reference"] = ref["case"]
             r["vs_reference_max_abs_diff"] = max(abs(r["full"][s] - ref["full"][s]) for s in common)
-    device = torch.cuda.get_device_name(0) if a.accelerator == "gpu" else a.accelerator
-    print(f"device: {device}; torch {torch.__version__}; work: {work}")
+    name = torch.cuda.get_device_name(0) if a.accelerator == "gpu" else a.accelerator
+    print(f"device: {name}; torch {torch.__version__}; work: {work}")
     print(table(results))
     for r in results:
         if "full" in r:

@@ -85,24 +85,26 @@ class StepThroughput(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Before the strategy wraps the model: DeepSpeed's hooks cannot be deep-copied for the meta-device
         # probe, and ZeRO-3 / FSDP shard the parameters whose shapes the FLOP model reads.
-        if stage == "fit" and self._flop_model is None and not self._no_flops:
-            self._batch_flops(pl_module, {"input_ids": None}, build_only=True)
+        if stage == "fit":
+            self._has_flop_model(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
         pl_module.flops_per_batch = self._batch_flops(pl_module, batch)
 
-    def _batch_flops(self, pl_module, batch: dict, build_only: bool = False) -> int | None:
-        if self._no_flops or "input_ids" not in batch:
-            return None
-        if self._flop_model is None:
+    def _has_flop_model(self, pl_module) -> bool:
+        if self._flop_model is None and not self._no_flops:
             try:
                 self._flop_model = StepFlops(pl_module.model)
-            except Exception as e:  # e.g. parameters ZeRO-3 has sharded away: no shapes to count from
+            except Exception as e:  # e.g. a model whose shapes the meta-device probe cannot trace
                 rank_zero_warn(f"no FLOP count (throughput/device/flops_per_sec, mfu): {type(e).__name__}: {e}")
                 self._no_flops = True
-                return None
-        return None if build_only else self._flop_model.batch_flops(batch)
+        return self._flop_model is not None
+
+    def _batch_flops(self, pl_module, batch: dict) -> int | None:
+        if "input_ids" not in batch or not self._has_flop_model(pl_module):
+            return None
+        return self._flop_model.batch_flops(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         device = pl_module.device
