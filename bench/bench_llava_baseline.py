@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINYLLAMA = dict(
     hidden_size=2048,
@@ -36,17 +40,6 @@ TINYLLAMA = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=False,
 )
-CLIP_VIT_L_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=336,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
 IMAGE_TOKENS = (336 // 14) ** 2
 DENSE_BF16_TFLOPS = 989.0
 
@@ -54,9 +47,12 @@ DENSE_BF16_TFLOPS = 989.0
 def build(llm: dict, attn: str):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    sys.path.insert(0, ROOT)
+    from encoders.clip import CLIP_VIT_L  # OpenAI's ViT-L/14 shape, as the project's encoder builds it
+
     text = LlamaConfig(**llm)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**CLIP_VIT_L_336),
+        vision_config=CLIPVisionConfig(**CLIP_VIT_L, image_size=336),
         text_config=text,
         image_token_id=text.vocab_size - 2,
         vision_feature_layer=-2,
