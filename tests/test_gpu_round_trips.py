@@ -1,0 +1,29 @@
+"""bench/gpu_round_trips.py (README: "On a GPU: strategy round trips") kept working between GPU sessions:
+its hidden CPU mode runs the same train / stop / resume / compare path on the cases that need no GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.slow  # six train.py runs
+def test_round_trips_resume_exactly_on_cpu(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "bench/gpu_round_trips.py", "single", "lora_bf16", "--steps", "2"]
+    cmd += ["--accelerator", "cpu", "--precision", "32-true", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = {r["case"]: r for r in json.loads(out.read_text())}
+    for case in ("single", "lora_bf16"):
+        assert results[case]["steps_compared"] == 4 and results[case]["resumed_exact"], results[case]
+        assert results[case]["checkpoint"]["kind"] == "file"
+    # the LoRA checkpoint holds the adapters and the projector, not the frozen base
+    assert results["lora_bf16"]["checkpoint"]["MB"] < results["single"]["checkpoint"]["MB"] / 3
+    assert "lora_bf16" in proc.stdout and "resume max|d|" in proc.stdout
