@@ -76,7 +76,6 @@ class LLaVADataModule(L.LightningDataModule):
         self.skipped: Counter = Counter()  # reason -> records dropped (logged to TensorBoard)
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
         self._resume: tuple[int, int] | None = None  # (epoch, samples per rank) from a checkpoint
-        self._train_sampler: GroupedSampler | None = None  # the training loader's, once built
         self.train_set = self.val_set = None
 
     def encode(self, record: dict):
@@ -141,8 +140,6 @@ class LLaVADataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        if train:
-            self._train_sampler = sampler
         if train and self._resume is not None:
             # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
             # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
@@ -188,11 +185,12 @@ class LLaVADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0))
-        if self._train_sampler is not None and self.trainer is not None:
+        if self.trainer is not None:
             # FSDP and DeepSpeed restore after their setup, where configure_optimizers' estimated_stepping_batches
-            # has already built the training loader and started its iterator: DataLoader workers drew their
-            # first indices from the epoch's start. The fit loop builds the loader again, from this position
+            # may have built the training loader and started its iterator: DataLoader workers drew their first
+            # indices from the epoch's start. The fit loop then builds the loader again, from this position
             # (Lightning 2.6 keeps it in a private attribute; `_combined_loader = None` is what a reload does).
+            # Other strategies restore before any loader exists, and this changes nothing.
             self.trainer.fit_loop._combined_loader = None
 
 
