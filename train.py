@@ -4,7 +4,7 @@
     python train.py experiments/X.yaml key=value ...  # any experiment, with overrides
     python train.py experiments/X.yaml --describe     # parts, parameters and token budget; no weights read
 
-The command line only: the work is done by core.runner.run (config -> seed -> datamodule -> module ->
+The command line only: the work is done by experiment.runner.run (config -> seed -> datamodule -> module ->
 logger/callbacks -> trainer -> fit). A config, data or checkpoint error that the user can fix prints
 one line and exits with status 2.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.config import DEFAULT_EXPERIMENT, load_config
-from core.runner import CheckpointError
-from core.schema import ConfigError
 from datamodules.llava_data import DataError
 from datamodules.templates import TemplateError
+from experiment.config import DEFAULT_EXPERIMENT, load_config
+from foundation.schema import ConfigError
+from lit_modules.checkpoint_io import CheckpointError
 
 USER_ERRORS = (ConfigError, DataError, TemplateError, CheckpointError, FileNotFoundError)
 
@@ -42,11 +42,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.experiment, args.overrides)
         if args.describe:
-            from core.describe import describe
+            from experiment.describe import describe
 
             print(describe(cfg))
             return 0
-        from core.runner import run
+        from experiment.runner import run
 
         run(cfg)
     except USER_ERRORS as err:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from encoders import build_encoder  # noqa: E402
-from lit_modules.inf_llava import DualPerspective  # noqa: E402
+from encoders.inf_llava import DualPerspective  # noqa: E402
 
 MODES = ("reference", "fast")
 

@@ -11,7 +11,7 @@ Every experiment x every `--compare` override set (space-separated key=value) is
 builds the model and data as train.py does and fits `--warmup + --steps` steps with no validation,
 no checkpoints and no logger. Per step (lit_modules/callbacks/throughput.py's StepThroughput): the time from the
 previous step's end, the part of it spent waiting for data, samples, image / text tokens, and the
-step's FLOPs from lit_modules/callbacks/flops.py. Printed: medians over the steps after warm-up of step time,
+step's FLOPs from model/flops.py. Printed: medians over the steps after warm-up of step time,
 samples/s, text and image tokens/s, data-wait fraction, TFLOP/s; peak memory (CUDA: max allocated;
 CPU: the process's peak RSS); MFU = TFLOP/s / peak TFLOP/s where the peak is known: `--peak-tflops`,
 or an H100 / H200 at bf16 / fp16 precision, whose dense peak is 989 TFLOP/s (SXM datasheet; sparsity
@@ -51,9 +51,9 @@ def run_one(spec: dict) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from core.config import load_config
-    from core.runner import build_datamodule, build_module, build_tokenizer
-    from core.strategy import build_strategy
+    from experiment.assemble import build_datamodule, build_module, build_tokenizer
+    from experiment.config import load_config
+    from experiment.strategy import build_strategy
     from lit_modules.callbacks import StepThroughput
 
     total = spec["warmup"] + spec["steps"]

@@ -102,8 +102,8 @@ def checkpoint_on_disk(run_dir: str) -> dict:
 def prepare(work: str, steps: int, device: list[str]) -> str:
     """The shapes data (written once, before the cases run side by side) and LoRA's frozen base: the
     quickstart's LLM (random init) and tokenizer saved as a pretrained directory."""
-    from core.config import load_config
-    from core.runner import build_datamodule, build_module, build_tokenizer
+    from experiment.assemble import build_datamodule, build_module, build_tokenizer
+    from experiment.config import load_config
 
     path = os.path.join(work, "base-llm")
     cfg = load_config(None, common_overrides(work, steps, device))

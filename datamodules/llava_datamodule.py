@@ -19,12 +19,12 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
-from core.schema import DataConfig
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, Sample, check_records, collate, load_records
 from datamodules.packing import pack
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
 from datamodules.templates import encode, stop_token_ids
+from foundation.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 def init_worker(worker_id: int, rank: int) -> None:
     """A DataLoader worker ignores SIGTERM: a scheduler (SLURM) signals every process of a job, and a worker
     killed by it fails the training process's next fetch ("DataLoader worker ... is killed by signal") before
-    that process can save and exit 143 (core/checkpoints.py); the workers end with it. Then Lightning's
-    worker seeding (`seed_everything(workers=True)`), which it adds only to loaders without an init function."""
+    that process can save and exit 143 (lit_modules/callbacks/checkpointing.py); the workers end with it.
+    Then Lightning's worker seeding (`seed_everything(workers=True)`), which it adds only to loaders without an
+    init function."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
@@ -49,7 +50,7 @@ class LLaVADataModule(L.LightningDataModule):
     Args:
         tokenizer: the LLM's tokenizer, with the image placeholder and a pad token (see `load_tokenizer`).
         data: the `data` group with `train_json` (and `image_folder`, `val_json`) set; every option
-            is documented in core/schema.py `DataConfig`. `data.template=None` takes the stage's
+            is documented in foundation/schema.py `DataConfig`. `data.template=None` takes the stage's
             `default_template`. With `data.packing`, each training batch's samples share rows of up to
             `max_length` tokens, kept apart by position ids (datamodules/packing.py); `batch_size` still
             counts samples and validation batches stay one sample per row.

@@ -23,7 +23,7 @@ import shutil
 
 from PIL import Image, ImageDraw
 
-from core.schema import DataConfig
+from foundation.schema import DataConfig
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -30,7 +30,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Callable
 
-from core.registry import Registry
+from foundation.registry import Registry
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}

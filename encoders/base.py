@@ -23,7 +23,7 @@ trainable part in `part`, so the training code can freeze or unfreeze "encoder",
 
 Meta device = shapes only. Building any encoder under `with torch.device("meta"):` reads no weights:
 a builder skips loading its checkpoint's weights and does not require the weights file to exist
-(`encoders.checkpoint.on_meta_device`), and a timm `pretrained=True` downloads nothing. What defines
+(`encoders.weights.on_meta_device`), and a timm `pretrained=True` downloads nothing. What defines
 the architecture and the preprocessing is still read when the checkpoint is a directory that holds it
 (the `clip` family reads `config.json` and `preprocessor_config.json`), so a meta build has the same
 `image_size`, `grid_size`, `embed_dim`, `pixel_mean`, `pixel_std` and parameter shapes as the real

@@ -19,9 +19,9 @@ import torch
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 
 from encoders.base import VisionEncoder
-from encoders.checkpoint import key_mismatch_error, on_meta_device, require_file
 from encoders.preprocess import ResizeCrop
 from encoders.registry import ENCODERS
+from encoders.weights import key_mismatch_error, on_meta_device, require_file
 
 # OpenAI CLIP's normalisation (0-1 scale), used when a checkpoint has no preprocessor_config.json.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

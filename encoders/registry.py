@@ -5,15 +5,15 @@
 register their builders with `@ENCODERS.register(name)`; the timm family is registered once as
 "timm:" and its builder's first parameter, `model_name`, is bound to what follows the prefix.
 Every builder takes `checkpoint: str | None` (None = random init). Unknown names and unknown options
-fail with the valid choices (`core.registry.Registry`).
+fail with the valid choices (`foundation.registry.Registry`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from core.registry import Registry
 from encoders.base import VisionEncoder
+from foundation.registry import Registry
 
 ENCODERS = Registry("encoder", prefix="timm:")
 

@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from encoders.base import VisionEncoder
-from encoders.checkpoint import key_mismatch_error, on_meta_device, require_file
 from encoders.preprocess import LongestSidePad
 from encoders.registry import ENCODERS
+from encoders.weights import key_mismatch_error, on_meta_device, require_file
 
 # SAM normalises 0-255 pixels with these (segment_anything/modeling/sam.py: pixel_mean / pixel_std);
 # the contract wants the 0-1 scale. They are the ImageNet statistics.

@@ -22,9 +22,9 @@ from timm.data import resolve_data_config
 from timm.models import load_state_dict
 
 from encoders.base import VisionEncoder
-from encoders.checkpoint import key_mismatch_error, on_meta_device, require_file
 from encoders.preprocess import TimmEval
 from encoders.registry import ENCODERS
+from encoders.weights import key_mismatch_error, on_meta_device, require_file
 
 
 class TimmViTEncoder(VisionEncoder):

@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from core.registry import Registry
 from encoders.base import VisionEncoder
 from encoders.wrapper import EncoderWrapper
+from foundation.registry import Registry
 
 REDUCERS = Registry("reducer", inputs=("encoder",))
 

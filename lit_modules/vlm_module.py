@@ -1,8 +1,8 @@
 """The LightningModule: steps, optimisation and metrics around a `VisionLanguageModel`.
 
-What is not a step lives elsewhere: the model is composed in lit_modules/build.py, a stage's freezing
+What is not a step lives elsewhere: the model is composed in model/build.py, a stage's freezing
 in `VisionLanguageModel.freeze_for`, FLOPs and throughput, validation samples and the run summary in
-lit_modules/callbacks/. A trained module is rebuilt from its checkpoint with `core.runner.load_module`.
+lit_modules/callbacks/. A trained module is rebuilt from its checkpoint with `inference.load.load_module`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from core.schema import EvalConfig, OptimConfig
-from lit_modules.vlm import VisionLanguageModel
+from foundation.schema import EvalConfig, OptimConfig
+from model.vlm import VisionLanguageModel
 
 
 def normalise_answer(text: str) -> str:
@@ -36,12 +36,12 @@ class VLMModule(L.LightningModule):
         optim: learning rates (per part where they differ), AdamW settings, warm-up and cosine floor.
         evaluation: generation budget and how much of the validation set runs generation.
         stop_ids: token ids that end a generated answer (the template's end of turn and EOS).
-        config: the resolved experiment config, saved in checkpoints so `core.runner.load_module`
+        config: the resolved experiment config, saved in checkpoints so `inference.load.load_module`
             rebuilds the model without the YAML.
     """
 
     # Lightning's ThroughputMonitor reads FLOPs of the current batch here; the StepThroughput callback
-    # sets it from the FLOP model (lit_modules/callbacks/flops.py).
+    # sets it from the FLOP model (model/flops.py).
     flops_per_batch: int | None = None
 
     def __init__(
@@ -190,7 +190,7 @@ class VLMModule(L.LightningModule):
         # so a stage-1 checkpoint holds the projector and enhancer, not 8B frozen LLM weights.
         # A sharded FSDP checkpoint keeps them: Lightning loads it into the model's full state-dict layout,
         # and torch.distributed.checkpoint fails on missing keys. (DeepSpeed drops "state_dict" and saves
-        # the module itself, without frozen weights: `exclude_frozen_parameters`, core/strategy.py.)
+        # the module itself, without frozen weights: `exclude_frozen_parameters`, experiment/strategy.py.)
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "_state_dict_type", None) == "sharded":  # FSDPStrategy's setting (private name)
             return

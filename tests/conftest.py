@@ -33,7 +33,7 @@ def tokenizer(shapes_root):
 
 @pytest.fixture
 def tiny_cfg(shapes_root, tmp_path):
-    from core.config import load_config
+    from experiment.config import load_config
     from tests.helpers import tiny_overrides
 
     def make(*extra: str, path: str | None = None):

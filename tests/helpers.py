@@ -10,8 +10,8 @@ import shutil
 import lightning as L
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from core.config import EXPERIMENTS_DIR
-from core.runner import run
+from experiment.config import EXPERIMENTS_DIR
+from experiment.runner import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 3-layer CLIP tower from config (32 px, 4 x 4 patches): the tower the export tests need
@@ -61,7 +61,7 @@ class LossRecorder(L.Callback):
 
 
 def fit(cfg, *callbacks: L.Callback) -> L.Trainer:
-    """`core.runner.run` (what train.py does) with extra callbacks."""
+    """`experiment.runner.run` (what train.py does) with extra callbacks."""
     return run(cfg, *callbacks)
 
 

@@ -12,7 +12,7 @@ from tests.helpers import REPO
 
 PACKAGES = ("core", "encoders", "lit_modules", "datamodules", "tools", "train", "tests", "bench")
 # Modules the library packages must not reach: the experiment layer sits on top of them.
-ON_TOP = ("core.config", "core.validate", "core.runner", "core.describe", "tools", "train")
+ON_TOP = ("experiment.config", "experiment.validate", "experiment.runner", "experiment.describe", "tools", "train")
 
 
 def _module_name(path: str) -> str:
@@ -45,7 +45,7 @@ def _reaches(imported: str, target: str) -> bool:
     return imported == target or imported.startswith(target + ".")
 
 
-@pytest.mark.parametrize("module", ["core.schema", "core.registry"])
+@pytest.mark.parametrize("module", ["foundation.schema", "foundation.registry"])
 def test_schema_and_registry_import_nothing_from_the_project(module):
     assert SOURCES[module] == set()
 

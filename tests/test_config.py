@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from core.config import EXPERIMENTS_DIR, ConfigError, load_config
 from datamodules.templates import TEMPLATES
 from encoders import ENCODERS, REDUCERS
-from lit_modules.enhancers import ENHANCERS
-from lit_modules.projector import PROJECTORS
+from encoders.enhancers import ENHANCERS
+from experiment.config import EXPERIMENTS_DIR, ConfigError, load_config
+from model.projector import PROJECTORS
 from tests.helpers import experiment_files
 
 

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 
-from core.schema import DataConfig
 from datamodules import ImageSpec, SFTDataModule, generate_shapes
 from datamodules.llava_data import DataError
 from datamodules.sampler import GroupedSampler
 from datamodules.shapes import QUESTIONS, answers, render
 from datamodules.templates import IGNORE_INDEX
+from foundation.schema import DataConfig
 
 N = 9  # image tokens per image in these tests
 

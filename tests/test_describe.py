@@ -10,10 +10,10 @@ import time
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
-from core.config import EXPERIMENTS_DIR, load_config
-from core.describe import build_on_meta, describe
-from core.runner import build_module
 from encoders import build_encoder
+from experiment.assemble import build_module
+from experiment.config import EXPERIMENTS_DIR, load_config
+from experiment.describe import build_on_meta, describe
 from tests.helpers import TINY_LLAMA, experiment_files
 
 # Llama-2-7B / Vicuna-7B-v1.5 shape. Every key is given: an override merges into the quickstart's inline

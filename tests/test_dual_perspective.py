@@ -1,9 +1,9 @@
 """INF-LLaVA's dual-perspective module against an independent loop transcription of its maths.
 
 `loop_reference` below follows what the reference INF-LLaVA code computes (the pipeline written out in
-`lit_modules/inf_llava/__init__.py`) step by step with plain Python loops over crops, strided views and
+`encoders/inf_llava/__init__.py`) step by step with plain Python loops over crops, strided views and
 blocks and its own multi-head attention (reading the module's weights), so it shares no layout code
-with `lit_modules/inf_llava/`.
+with `encoders/inf_llava/`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from torch import nn
 
 from encoders import EncoderWrapper, encoder_chain
 from encoders.base import VisionEncoder
-from encoders.wrapper import split_parts
-from lit_modules.enhancers import ENHANCERS
-from lit_modules.inf_llava import (
+from encoders.enhancers import ENHANCERS
+from encoders.inf_llava import (
     DualPerspective,
     DualPerspectiveEnhancement,
     centre_offsets,
     load_inf_llava,
 )
+from encoders.wrapper import split_parts
 
 C = 32  # fake encoder width: divisible by 16 (DEM ffn) and by 8 heads
 

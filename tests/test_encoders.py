@@ -21,7 +21,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from encoders import ENCODERS, EncoderWrapper, VisionEncoder, build_encoder, encoder_chain, split_parts
-from encoders.checkpoint import on_meta_device
+from encoders.weights import on_meta_device
 from tests.helpers import FULL_SIZE
 
 REGISTERED = ENCODERS.names()

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from core.config import ConfigError
-from core.runner import run
+from experiment.config import ConfigError
+from experiment.runner import run
 from tests.helpers import scalars
 from tools.evaluate import main as evaluate_main
 

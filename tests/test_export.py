@@ -14,12 +14,13 @@ from PIL import Image
 from skimage import data as photos
 from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from core.config import load_config
-from core.export import ExportError, chat_template, export_llava
-from core.runner import build_module, load_predictor
 from datamodules import load_tokenizer
 from datamodules.llava_data import LLaVADataset, Sample, collate
 from datamodules.templates import TEMPLATES, VICUNA_SYSTEM, Template, encode
+from experiment.assemble import build_module
+from experiment.config import load_config
+from inference.export import ExportError, chat_template, export_llava
+from inference.load import load_predictor
 from tests.helpers import TINY_CLIP, fit, tiny_overrides
 
 
@@ -72,7 +73,7 @@ def test_predict_takes_an_export_and_answers_as_the_run(exported, shapes_root, t
     chat template) answers held-out records, batched or one by one, and a question, as the run's Predictor."""
     import json
 
-    from core.predict_exported import ExportedPredictor
+    from inference.exported import ExportedPredictor
     from tools.predict import main
 
     predictor, _, _, out = exported

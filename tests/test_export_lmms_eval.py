@@ -6,7 +6,7 @@ project's greedy answers, for vicuna_v1 and chatml exports.
 llava_hf calls `generate(eos_token_id=tokenizer.eos_token_id)`, which replaces the exported
 `generation_config.eos_token_id` (the run's stop ids), and applies no `until` (the simple class pops it, the
 chat class never reads it): the export makes the template's end of turn its tokenizer's EOS (chatml's
-`<|im_end|>`, not the LLM's `</s>`; core/export.py `with_end_of_turn_as_eos`). `device_map` must be given:
+`<|im_end|>`, not the LLM's `</s>`; inference/export.py `with_end_of_turn_as_eos`). `device_map` must be given:
 llava_hf's default "" is refused by transformers' `from_pretrained` (asserted here). Not asserted: a question
 without an image fails in both classes of lmms-eval 0.7.0 (found by hand; the simple one never sets its image
 tokens, the chat one calls the processor with `images=[]`); the project's own adapter (tools/lmms_eval)
@@ -20,11 +20,12 @@ import torch
 from lmms_eval.models import get_model
 from transformers import AutoTokenizer
 
-from core.config import load_config
-from core.export import export_llava
-from core.predict import PLACEHOLDER_ANSWER
-from core.runner import build_module, load_predictor
 from datamodules.llava_data import LLaVADataset, Sample, collate
+from experiment.assemble import build_module
+from experiment.config import load_config
+from inference.export import export_llava
+from inference.load import load_predictor
+from lit_modules.predictor import PLACEHOLDER_ANSWER
 from tests.helpers import TINY_CLIP, fit, record, shapes_docs, tiny_overrides, write_tasks
 
 MAX_NEW_TOKENS = 4  # the task's, written by write_tasks (with until ["\n\n"])

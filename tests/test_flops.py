@@ -1,4 +1,4 @@
-"""The FLOP model (lit_modules/callbacks/flops.py) against hand counts and against torch's FlopCounterMode."""
+"""The FLOP model (model/flops.py) against hand counts and against torch's FlopCounterMode."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.runner import build_module
-from lit_modules.callbacks.flops import StepFlops, vision_flops_per_image
+from experiment.assemble import build_module
+from model.flops import StepFlops, vision_flops_per_image
 
 LENGTHS = [40, 29]  # real (unpadded) lengths of two samples, 16 image tokens each
 
@@ -112,7 +112,7 @@ def test_batch_flops_uses_real_lengths(tiny):
 
 def test_packed_rows_count_each_sample():
     """A row packing samples of 40 and 29 tokens (+ 3 padding) costs what the two rows unpacked cost."""
-    from lit_modules.callbacks.flops import sample_lengths
+    from model.flops import sample_lengths
 
     positions = torch.cat([torch.arange(40), torch.arange(29), torch.arange(3)]).unsqueeze(0)
     mask = torch.cat([torch.ones(69, dtype=torch.long), torch.zeros(3, dtype=torch.long)]).unsqueeze(0)

@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from core.config import EXPERIMENTS_DIR
-from core.runner import build_datamodule, build_module
-from lit_modules.inf_llava import DualPerspective
+from encoders.inf_llava import DualPerspective
+from experiment.assemble import build_datamodule, build_module
+from experiment.config import EXPERIMENTS_DIR
 from tests.helpers import fit
 
 INF_QUICKSTART = os.path.join(EXPERIMENTS_DIR, "inf_llava", "quickstart.yaml")

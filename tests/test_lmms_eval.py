@@ -1,4 +1,4 @@
-"""tools/lmms_eval: lmms-eval runs a checkpoint of this repo through `core.predict.Predictor`. On local tasks
+"""tools/lmms_eval: lmms-eval runs a checkpoint of this repo through `lit_modules.predictor.Predictor`. On local tasks
 written here (the built-in shapes images, no hub), the answers lmms-eval logs are the Predictor's, its scores
 are what those answers give, and a loglikelihood is the LLM's own loss on the answer turn; for every kind of
 vision tower (timm, CLIP, INF-LLaVA's dual perspective, SAM)."""
@@ -16,10 +16,11 @@ import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from core.config import EXPERIMENTS_DIR
-from core.predict import Predictor
-from core.runner import build_datamodule, build_module, load_predictor
 from datamodules.llava_data import LLaVADataset, Sample
+from experiment.assemble import build_datamodule, build_module
+from experiment.config import EXPERIMENTS_DIR
+from inference.load import load_predictor
+from lit_modules.predictor import Predictor
 from tests.helpers import REPO, TINY_CLIP, record, shapes_docs, write_tasks
 from tools.lmms_eval import VLMLightning, cut_at, main
 

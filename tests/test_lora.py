@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from core.config import ConfigError, config_from_dict, load_config
-from core.runner import build_datamodule, build_module, load_module
+from experiment.assemble import build_datamodule, build_module
+from experiment.config import ConfigError, config_from_dict, load_config
+from inference.load import load_module
 from tools.merge_lora import merge_lora
 
 LORA = "model.llm.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}"

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 
-from lit_modules.metrics import METRICS
-from lit_modules.metrics.anls import anls_score, levenshtein
-from lit_modules.metrics.caption import cider, cider_scores, ptb_tokenize
-from lit_modules.metrics.choice import FAILED, parse_mmbench, parse_scienceqa
-from lit_modules.metrics.pope import parse_yes_no
-from lit_modules.metrics.vqa import evalai_normalize, process_digit_article, process_punctuation, vqa_score
+from metrics import METRICS
+from metrics.anls import anls_score, levenshtein
+from metrics.caption import cider, cider_scores, ptb_tokenize
+from metrics.choice import FAILED, parse_mmbench, parse_scienceqa
+from metrics.pope import parse_yes_no
+from metrics.vqa import evalai_normalize, process_digit_article, process_punctuation, vqa_score
 
 # ---------------------------------------------------------------------------------------------------
 # VQA accuracy

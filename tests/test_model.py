@@ -7,9 +7,9 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 from encoders import build_encoder
-from lit_modules.projector import PROJECTORS
-from lit_modules.vlm import VisionLanguageModel
 from lit_modules.vlm_module import VLMModule
+from model.projector import PROJECTORS
+from model.vlm import VisionLanguageModel
 
 VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7

@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from core.runner import build_datamodule, build_module, build_trainer
-from core.schema import DataConfig
 from datamodules import ImageSpec, SFTDataModule
 from datamodules.llava_data import collate
 from datamodules.packing import first_fit, pack
 from datamodules.templates import IGNORE_INDEX
 from encoders import build_encoder
-from lit_modules.projector import PROJECTORS
-from lit_modules.vlm import VisionLanguageModel
+from experiment.assemble import build_datamodule, build_module
+from experiment.runner import build_trainer
+from foundation.schema import DataConfig
 from lit_modules.vlm_module import VLMModule
+from model.projector import PROJECTORS
+from model.vlm import VisionLanguageModel
 
 VOCAB, PAD, IMAGE_ID = 64, 0, 63
 N = 4  # image tokens per image: 16 px / patch 8 -> 2 x 2

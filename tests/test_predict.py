@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from core.config import config_from_dict, load_config
-from core.predict import Predictor, find_checkpoint
-from core.runner import build_datamodule, load_predictor
+from experiment.assemble import build_datamodule
+from experiment.config import config_from_dict, load_config
+from inference.load import find_checkpoint, load_predictor
+from lit_modules.predictor import Predictor
 from tests.helpers import REPO, fit, tiny_overrides
 from tools.predict import chat
 

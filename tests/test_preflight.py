@@ -8,8 +8,10 @@ import pickle
 import pytest
 import torch
 
-from core.config import ConfigError
-from core.runner import CheckpointError, load_module, run
+from experiment.config import ConfigError
+from experiment.runner import run
+from inference.load import load_module
+from lit_modules.checkpoint_io import CheckpointError
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,9 @@ from transformers import CLIPImageProcessor, CLIPImageProcessorPil, SiglipImageP
 from datamodules import ImageSpec
 from encoders import REDUCERS, build_encoder
 from encoders.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from encoders.enhancers import ENHANCERS
 from encoders.preprocess import LongestSidePad, ResizeCrop
 from encoders.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-from lit_modules.enhancers import ENHANCERS
 
 # rocket is 640 x 427: shortest edge to 336 gives 503 x 336, an odd crop margin (167); page is a document.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "page")

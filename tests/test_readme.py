@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from core.config import load_config
-from core.runner import run
+from experiment.config import load_config
+from experiment.runner import run
 from tests.helpers import REPO, tiny_overrides
 
 

@@ -11,8 +11,9 @@ import time
 import pytest
 import yaml
 
-from core.checkpoints import TMP_MARK, BestCheckpoints, remove_stale_temporaries
-from core.runner import SIGTERM_EXIT, resolve_resume
+from experiment.runner import SIGTERM_EXIT, resolve_resume
+from lit_modules.callbacks.checkpointing import BestCheckpoints
+from lit_modules.checkpoint_io import TMP_MARK, remove_stale_temporaries
 from tests.helpers import kill_after_checkpoint, scalars, start_training, train_cli_args
 
 # 51 training samples, batch 8: 7 steps an epoch (steps 6, 13 are last batches; 7, 14 first ones).
@@ -78,7 +79,7 @@ def test_resume_auto_picks_the_newest_last_checkpoint_of_the_same_model(tiny_cfg
     # same model: an older last.ckpt and Lightning's newer last-v1.ckpt; another encoder: the newest of all
     same = os.path.join(root, "quickstart", "same")
     os.makedirs(os.path.join(same, "checkpoints"))
-    from core.config import save_config
+    from experiment.config import save_config
 
     save_config(cfg, same)
     for name, age in (("last.ckpt", 30), ("last-v1.ckpt", 20)):

@@ -1,4 +1,4 @@
-"""Run directories named for what the run changes (core/run_dir.py): what TensorBoard shows as run names."""
+"""Run directories named for what the run changes (experiment/run_dir.py): what TensorBoard shows as run names."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from core.config import ConfigError
-from core.run_dir import ENV, claim_run_directory, run_name_from_overrides
-from core.runner import run
+from experiment.config import ConfigError
+from experiment.run_dir import ENV, claim_run_directory, run_name_from_overrides
+from experiment.runner import run
 
 
 @pytest.mark.parametrize(

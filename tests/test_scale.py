@@ -9,10 +9,11 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-from core.checkpoints import AtomicCheckpointIO
-from core.config import ConfigError
-from core.runner import SIGTERM_EXIT, build_module, build_trainer
-from core.strategy import block_classes, build_strategy
+from experiment.assemble import build_module
+from experiment.config import ConfigError
+from experiment.runner import SIGTERM_EXIT, build_trainer
+from experiment.strategy import block_classes, build_strategy
+from lit_modules.checkpoint_io import AtomicCheckpointIO
 
 
 # ---- strategies from the YAML --------------------------------------------------------------------

@@ -10,9 +10,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from core.runner import build_datamodule, build_module, build_trainer
-from lit_modules.callbacks.flops import StepFlops
+from experiment.assemble import build_datamodule, build_module
+from experiment.runner import build_trainer
 from lit_modules.callbacks.throughput import TAGS, StepThroughput
+from model.flops import StepFlops
 
 
 def test_tiny_fit_logs_throughput_and_flops(tiny_cfg):

@@ -14,7 +14,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from core.runner import build_module, load_module, resolve_resume
+from experiment.assemble import build_module
+from experiment.runner import resolve_resume
+from inference.load import load_module
 from tests.helpers import REPO, LossRecorder, fit, scalars, tiny_overrides
 
 

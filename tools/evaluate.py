@@ -6,7 +6,7 @@
         prompt_suffix: "\\nAnswer the question using a single word or phrase."}]'
 
 The sets come from the run's stored config, changed by `key=value` overrides (the file format is in
-core/schema.py `EvalSetConfig`; metrics in lit_modules/metrics). Prints one line per set and metric key
+foundation/schema.py `EvalSetConfig`; metrics in lit_modules/metrics). Prints one line per set and metric key
 and writes every score and answer to --out (JSON).
 """
 
@@ -17,9 +17,9 @@ import json
 
 from omegaconf import OmegaConf
 
-from core.config import config_from_dict
-from core.evaluate import evaluate
-from core.runner import load_predictor
+from experiment.config import config_from_dict
+from inference.load import load_predictor
+from lit_modules.benchmarks import evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:

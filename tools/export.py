@@ -2,15 +2,15 @@
 
     python -m tools.export runs/X/defaults exported/X [--checkpoint best]
 
-See core/export.py for what can be exported and how the parts map.
+See inference/export.py for what can be exported and how the parts map.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from core.export import export_llava
-from core.runner import load_predictor
+from inference.export import export_llava
+from inference.load import load_predictor
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -17,7 +17,7 @@ raises it instead). From Python:
     from lmms_eval.evaluator import simple_evaluate
     results = simple_evaluate(model=VLMLightning("runs/quickstart/defaults"), tasks=["my_task"], ...)
 
-Each request runs through `core.predict.Predictor` (the run's template, image preprocessing and stop
+Each request runs through `lit_modules.predictor.Predictor` (the run's template, image preprocessing and stop
 tokens), so an answer here is the answer `tools.predict` and validation give. One image per question
 (or none); video and audio inputs are refused. `loglikelihood` follows lmms-eval's convention: the
 continuation's negative log-likelihood (its multiple-choice tasks pick the lowest). Single process.
@@ -36,10 +36,10 @@ from lmms_eval.api.model import lmms
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from core.predict import PLACEHOLDER_ANSWER, Predictor, find_checkpoint
-from core.runner import load_predictor
 from datamodules.images import to_rgb
 from datamodules.llava_data import LLaVADataset, Sample, collate
+from inference.load import find_checkpoint, load_predictor
+from lit_modules.predictor import PLACEHOLDER_ANSWER, Predictor
 
 MODEL_NAME = "vlm_lightning"  # the name lmms-eval knows this adapter by (`--model vlm_lightning`)
 MODEL_ARGS = ("run", "checkpoint", "max_new_tokens")  # plus config overrides: any key with a dot
@@ -71,7 +71,7 @@ class VLMLightning(lmms):
     """A run of this repo as an lmms-eval model (a "simple" model: lmms-eval builds its prompts as text).
 
     Args:
-        run: run directory or checkpoint file (core.runner.load_predictor), or a `Predictor` already loaded.
+        run: run directory or checkpoint file (inference.load.load_predictor), or a `Predictor` already loaded.
         checkpoint: "last" or "best" checkpoint of a run directory.
         max_new_tokens: answer budget when a task's generation_kwargs set none (None: the run's
             eval.max_new_tokens).

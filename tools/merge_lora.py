@@ -4,7 +4,7 @@
 
 A LoRA checkpoint holds the adapters, projector and enhancer (and whatever else trained), not the
 frozen base LLM: that comes back from `model.llm.path`. Here the run's model is rebuilt from the
-checkpoint alone (`core.runner.load_module`), peft's `merge_and_unload` folds
+checkpoint alone (`inference.load.load_module`), peft's `merge_and_unload` folds
 W + (alpha / r) * B A into each adapted weight, and `<out>` receives:
 
     llm/          the merged LLM and the tokenizer (transformers `save_pretrained` layout)
@@ -22,8 +22,9 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from core.runner import load_module, read_checkpoint
-from lit_modules.lora import is_lora
+from inference.load import load_module
+from lit_modules.checkpoint_io import read_checkpoint
+from model.lora import is_lora
 
 
 def merge_lora(checkpoint: str, out_dir: str) -> str:

@@ -20,9 +20,9 @@ import sys
 
 from tqdm import tqdm
 
-from core.predict import Predictor
-from core.runner import load_predictor
 from datamodules.llava_data import load_records
+from inference.load import load_predictor
+from lit_modules.predictor import Predictor
 
 
 def read_records(path: str) -> list[dict]:

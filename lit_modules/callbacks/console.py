@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-from core.checkpoints import LastCheckpoint
+from lit_modules.callbacks.checkpointing import LastCheckpoint
 
 # Lightning's startup lines that say nothing about this run (an advert, accelerators that do not exist here).
 NOISE = ("💡 Tip:", "TPU available:", "HPU available:", "Loading `train_dataloader` to estimate")

@@ -79,7 +79,7 @@ class RunSummary(L.Callback):
             tb.add_text("model/parameters", "```\n" + table + "\n```", 0)
         writer = tb._get_file_writer()  # SummaryWriter's own accessor, as Lightning's logger uses it
         sets = pl_module.hparams.get("config", {}).get("eval", {}).get("sets", [])
-        names = [*HPARAM_METRICS, *(f"hparams/eval/{s['name']}" for s in sets)]  # core/evaluate.py logs these
+        names = [*HPARAM_METRICS, *(f"hparams/eval/{s['name']}" for s in sets)]  # lit_modules/benchmarks.py logs these
         for summary in hparams(comparison_hparams(trainer, pl_module), {name: 0.0 for name in names}):
             writer.add_summary(summary)  # the experiment and its metric names; values come from the scalars
         tb.add_custom_scalars(LAYOUT)

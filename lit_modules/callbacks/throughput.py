@@ -2,7 +2,7 @@
 
 `ThroughputRates`, Lightning's ThroughputMonitor, logs samples/s, tokens/s and, from the module's
 `flops_per_batch`, FLOP/s and MFU. `StepThroughput` sets `flops_per_batch` for each training batch from
-the FLOP model (lit_modules/callbacks/flops.py), so it must come before ThroughputRates in the
+the FLOP model (model/flops.py), so it must come before ThroughputRates in the
 callback list, and adds the VLM-specific split and where the time goes.
 
 One step's time runs from the previous `on_train_batch_end` to this one. The part of it before
@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_modules.callbacks.flops import StepFlops
+from model.flops import StepFlops
 
 TAGS = (
     "throughput/image_tokens_per_sec",

@@ -1,0 +1,125 @@
+"""Experiment configs: YAML composition, then validation against the registries.
+
+An experiment YAML may list `defaults: [base.yaml, encoders/x.yaml]` (paths relative to that file);
+bases are merged in order, then the file itself, then command-line `key=value` overrides, on top of
+the schema's defaults (foundation/schema.py). The merged config is validated (experiment/validate.py) before
+anything is built: an unknown key, a wrong type, an unknown encoder / reducer / enhancer / projector
+/ template name or builder option, or an unknown `lightning.Trainer` argument fails at once, naming
+the key and the valid choices.
+
+Encoder, reducer and enhancer blocks (and `model.llm.config`) are taken whole, not merged, when a
+later source sets their `name` (`model_type`): `model.encoder.name=clip_vit_l_336` swaps the encoder
+without inheriting the old one's options.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from experiment.validate import validate
+from foundation.schema import ConfigError, ExperimentConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(REPO, "experiments")
+DEFAULT_EXPERIMENT = os.path.join(EXPERIMENTS_DIR, "quickstart.yaml")
+# Blocks that name what they build, and the key that names it: a source that sets that key replaces the
+# whole block instead of merging into it, so no option of the previous encoder / LLM shape leaks in.
+NAMED_BLOCKS = {
+    "model.encoder": "name",
+    "model.reducer": "name",
+    "model.enhancer": "name",
+    "model.llm.config": "model_type",
+}
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file's `defaults` (recursively, in order) followed by the file itself."""
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f"{path}: circular defaults: {' -> '.join(chain + (path,))}")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml's scanner / constructor errors
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: an experiment YAML must be a mapping at the top level")
+    defaults = node.pop("defaults", None) or []
+    if not isinstance(defaults, (list, ListConfig)):
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML paths, got {defaults!r}")
+    sources = []
+    for base in defaults:
+        sources += _read_yaml(os.path.join(os.path.dirname(path), str(base)), chain + (path,))
+    return sources + [(path, node)]
+
+
+def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
+    for block, key in NAMED_BLOCKS.items():
+        new = OmegaConf.select(source, block, default=None)
+        if isinstance(new, DictConfig) and key in new:
+            OmegaConf.update(cfg, block, OmegaConf.to_container(new), merge=False)
+    try:
+        return OmegaConf.merge(cfg, source)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err, where, cfg)) from None
+
+
+def _explain(err: OmegaConfBaseException, where: str, cfg: DictConfig) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(cfg, section) if section else cfg
+    if "not in" in msg and isinstance(node, DictConfig):
+        return f"{where}: unknown key '{key}'; valid keys in '{section or '<top>'}': {', '.join(node.keys())}"
+    return f"{where}: bad value for '{key}': {msg}"
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose an experiment: schema <- defaults (in order) <- the file <- `key=value` overrides; validate.
+
+    Args:
+        path: experiment YAML (default: experiments/quickstart.yaml).
+        overrides: command-line style `key=value` strings, e.g. `optim.lr=1e-4`, `model.encoder.name=sam_vit_b`.
+    """
+    return _compose(_read_yaml(path or DEFAULT_EXPERIMENT), overrides)
+
+
+def config_from_dict(config: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> DictConfig:
+    """A resolved config saved as a mapping (e.g. in a checkpoint) + `key=value` overrides, validated."""
+    return _compose([(where, OmegaConf.create(config))], overrides)
+
+
+def _compose(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
+    cfg = OmegaConf.structured(ExperimentConfig)
+    for where, source in sources:
+        cfg = _merge(cfg, source, where)
+    cfg.overrides = [*cfg.overrides, *overrides]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            source = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
+        except yaml.YAMLError as err:  # the value is not YAML, e.g. a {mapping} split by the shell
+            where = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({where}); quote the whole override "
+                "when its value has spaces, e.g. 'model.llm.config={hidden_size: 64, num_hidden_layers: 2}'"
+            ) from None
+        cfg = _merge(cfg, source, f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: DictConfig, run_dir: str) -> str:
+    """Write the resolved config next to the run's logs and return its path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    OmegaConf.save(cfg, path, resolve=True)
+    return path

@@ -1,0 +1,169 @@
+"""Checks the schema cannot express: names against the registries, options against builder signatures.
+
+Every list of valid names comes from a registry (`Registry.names()` / `.options()`), so a newly
+registered encoder, reducer, enhancer, projector or template is accepted here without an edit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any, Iterable
+
+import lightning
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.templates import TEMPLATES
+from encoders import ENCODERS, REDUCERS
+from encoders.enhancers import ENHANCERS
+from experiment.strategy import check_strategy
+from foundation.registry import Registry
+from foundation.schema import ConfigError
+from foundation.typecheck import describe, fits
+from metrics import METRICS
+from model.lora import LORA_OPTIONS, QUANTIZATIONS
+from model.projector import PROJECTORS
+from model.vlm import PARTS, STAGE_TRAINABLE
+
+# Config blocks `{name: ..., **options}` and the registry that builds each.
+NAMED_BLOCK_REGISTRIES = {"model.encoder": ENCODERS, "model.reducer": REDUCERS, "model.enhancer": ENHANCERS}
+
+
+def choice(key: str, value: Any, valid: Iterable) -> None:
+    valid = list(valid)
+    if value not in valid:
+        raise ConfigError(f"'{key}' = {value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+def registered(key: str, name: Any, registry: Registry) -> None:
+    if name not in registry:
+        raise ConfigError(f"'{key}' = {name!r} is not valid; choose one of: {registry.choices()}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key and the valid choices for the first problem found."""
+    choice("stage", cfg.stage, STAGE_TRAINABLE)
+    for part in cfg.trainable or []:
+        choice("trainable", part, PARTS)
+    for part in cfg.optim.lr_per_part:
+        choice(f"optim.lr_per_part.{part}", part, PARTS)
+    choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    choice("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
+    registered("model.projector", cfg.model.projector, PROJECTORS)
+    if cfg.data.template is not None:
+        registered("data.template", cfg.data.template, TEMPLATES)
+
+    for block, registry in NAMED_BLOCK_REGISTRIES.items():
+        node = OmegaConf.select(cfg, block)
+        if node is None:
+            continue
+        if "name" not in node:
+            raise ConfigError(f"'{block}.name' is required; choose one of: {registry.choices()}")
+        registered(f"{block}.name", node.name, registry)
+        valid = registry.options(node.name)
+        for key in node:
+            if key != "name" and key not in valid:
+                raise ConfigError(
+                    f"unknown key '{block}.{key}' for {registry.kind} {node.name!r}; valid options: {', '.join(valid)}"
+                )
+        _check_types(block, OmegaConf.to_container(node, resolve=True), registry.hints(node.name))
+
+    _validate_llm(cfg.model.llm)
+    names = [s.name for s in cfg.eval.sets]
+    for k, eval_set in enumerate(cfg.eval.sets):
+        key = f"eval.sets[{k}]"
+        registered(f"{key}.metric", eval_set.metric, METRICS)
+        valid = METRICS.options(eval_set.metric)
+        for option in eval_set.options:
+            if option not in valid:
+                raise ConfigError(
+                    f"unknown key '{key}.options.{option}' for metric {eval_set.metric!r}; valid options: "
+                    f"{', '.join(valid)}"
+                )
+        _check_types(f"{key}.options", OmegaConf.to_container(eval_set.options), METRICS.hints(eval_set.metric))
+        if not eval_set.file:
+            raise ConfigError(f"'{key}.file' is required (a JSON / JSONL file of questions and references)")
+        if names.count(eval_set.name) > 1:
+            raise ConfigError(f"'{key}.name' = {eval_set.name!r} is used by two sets; names must be unique")
+    data = cfg.data
+    if data.builtin is None and data.train_json is None:
+        raise ConfigError("set 'data.train_json' (LLaVA-format JSON) or 'data.builtin' (generated data)")
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
+
+    _check_ranges(cfg)
+    trainer_args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"} - RUNNER_SETS
+    for key in cfg.trainer:
+        if key in RUNNER_SETS:
+            raise ConfigError(f"'trainer.{key}' is set by the runner (experiment/runner.py), not by the config")
+        if key not in trainer_args:
+            raise ConfigError(
+                f"unknown key 'trainer.{key}' (not a lightning.Trainer argument); "
+                f"valid: {', '.join(sorted(trainer_args))}"
+            )
+    trainer_hints = typing.get_type_hints(lightning.Trainer.__init__)
+    checked = {
+        k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in ("strategy", "plugins")
+    }
+    _check_types("trainer", checked, trainer_hints)
+    try:
+        check_strategy(cfg.trainer.get("strategy"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_types(block: str, values: dict, hints: dict) -> None:
+    for key, value in values.items():
+        if key in hints and not fits(value, hints[key]):
+            raise ConfigError(f"'{block}.{key}' = {value!r} is not valid; it must be {describe(hints[key])}")
+
+
+# (key, test, what it must be): values the schema's types admit but no run can use.
+RANGES = (
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.val_batch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.max_length", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("eval.num_logged_samples", lambda v: v >= 0, ">= 0"),
+    ("eval.max_generate_batches", lambda v: v is None or v >= 0, ">= 0 or null"),
+    ("checkpoint.save_top_k", lambda v: v >= -1, ">= -1"),
+    ("checkpoint.every_n_train_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("eval.every_n_steps", lambda v: v is None or v >= 1, ">= 1 or null"),
+)
+# lightning.Trainer arguments the runner passes itself.
+RUNNER_SETS = {"logger", "callbacks", "use_distributed_sampler"}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, test, must in RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not test(value):
+            raise ConfigError(f"'{key}' = {value!r} is not valid; it must be {must}")
+    for part, lr in cfg.optim.lr_per_part.items():
+        if lr < 0:
+            raise ConfigError(f"'optim.lr_per_part.{part}' = {lr!r} is not valid; it must be >= 0")
+
+
+def _validate_llm(llm: DictConfig) -> None:
+    if (llm.path is None) == (llm.config is None):
+        raise ConfigError(
+            "set exactly one of 'model.llm.path' (a model directory) and 'model.llm.config' "
+            "(an inline transformers config for random init)"
+        )
+    if llm.config is not None and "model_type" not in llm.config:
+        raise ConfigError("'model.llm.config' needs a 'model_type' (e.g. llama, qwen2)")
+    for key in llm.lora or {}:
+        if key not in LORA_OPTIONS:
+            raise ConfigError(f"unknown key 'model.llm.lora.{key}'; valid options: {', '.join(LORA_OPTIONS)}")
+    if llm.quantization is not None:
+        choice("model.llm.quantization", llm.quantization, QUANTIZATIONS)
+        if llm.lora is None or llm.path is None:
+            raise ConfigError(
+                "'model.llm.quantization' (QLoRA) needs 'model.llm.lora' and a pretrained 'model.llm.path'"
+            )

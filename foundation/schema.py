@@ -1,0 +1,146 @@
+"""The experiment schema: typed config groups with their defaults, written once.
+
+Each group is a dataclass that the code receiving it takes whole: `ModelConfig` goes to
+`model.build.build_vlm`, `LLMConfig` to `build_llm`, `DataConfig` to the DataModule,
+`OptimConfig` and `EvalConfig` to `VLMModule`. A new option is one field here (with its comment)
+and its use where the group is read; nothing copies fields one by one in between.
+
+This module imports nothing from the project: names (encoders, templates, ...) are checked against
+the registries by `experiment.validate`, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message names the key and the valid choices."""
+
+
+@dataclass
+class LLMConfig:
+    path: Optional[str] = None  # local HF model directory (or a hub id where a network exists)
+    config: Optional[Dict[str, Any]] = None  # inline transformers config ({model_type: llama, ...}) for random init
+    dtype: Optional[str] = None  # weights dtype when loading from `path` (e.g. bfloat16); None keeps float32
+    attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; None lets transformers pick
+    grad_checkpointing: bool = False
+    lora: Optional[Dict[str, Any]] = None  # apply_lora's options {r, alpha, dropout, target_modules, ...}
+    quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
+
+
+@dataclass
+class ModelConfig:
+    encoder: Dict[str, Any] = field(default_factory=lambda: {"name": "clip_vit_l_336"})  # {name, **builder options}
+    reducer: Optional[Dict[str, Any]] = None  # e.g. {name: conv} for SAM -> 256 tokens
+    enhancer: Optional[Dict[str, Any]] = None  # e.g. {name: dual_perspective, n: 3}
+    projector: str = "mlp2x_gelu"
+    mm_projector: Optional[str] = None  # LLaVA / INF-LLaVA stage-1 mm_projector.bin: projector (+ DEM) weights
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: Optional[str] = None  # tokenizer directory; defaults to llm.path
+    image_token: str = "<image>"
+
+
+@dataclass
+class BuiltinDataConfig:
+    root: str = "data/generated/shapes"
+    seed: int = 0
+    image_size: int = 64
+    num_train: int = 4000
+    num_val: int = 200
+
+
+@dataclass
+class DataConfig:
+    builtin: Optional[BuiltinDataConfig] = None  # generate the built-in shapes dataset instead of reading files
+    train_json: Optional[str] = None  # LLaVA-format JSON
+    val_json: Optional[str] = None
+    image_folder: Optional[str] = None  # record image paths are relative to it
+    val_fraction: float = 0.0  # held out from train_json when there is no val_json
+    template: Optional[str] = None  # None: "plain" for align, the tokenizer's chat template for sft
+    system_prompt: Optional[str] = None  # None: the template's default
+    # True: <image> moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal, so ids
+    # match LLaVA's); False: it stays where the text puts it (interleaved text). datamodules/templates.py
+    image_first: bool = True
+    max_length: int = 2048  # tokens, image tokens included; longer records are errors (or skipped)
+    pad_to_square: bool = False  # pad with the mean colour before resizing (LLaVA-1.5 SFT)
+    batch_size: int = 16  # per device, in samples
+    val_batch_size: Optional[int] = None  # None: batch_size
+    num_workers: int = 0
+    persistent_workers: bool = True  # keep DataLoader workers alive between epochs (with num_workers > 0)
+    group_by_length: bool = False  # batches grouped by modality and length (LLaVA's modality_length_grouped)
+    packing: bool = False  # pack training samples into rows of max_length (datamodules/packing.py)
+    on_error: str = "raise"  # raise | skip (bad records and unreadable images are dropped and counted)
+    images_outside_folder: bool = False  # allow record image paths that resolve outside image_folder
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    lr_per_part: Dict[str, float] = field(default_factory=dict)  # e.g. {llm: 2e-5}
+    weight_decay: float = 0.0  # AdamW; never on biases and norm weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
+    min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
+
+
+@dataclass
+class EvalSetConfig:
+    """A benchmark file: JSON list or JSONL of {"id", "image"? (relative to image_folder), "question" (the
+    whole prompt the model sees), "reference" (what `metric` compares with; see lit_modules/metrics)}."""
+
+    name: str = "eval"
+    file: str = ""
+    image_folder: Optional[str] = None
+    metric: str = "exact_match"  # a METRICS name: vqa_accuracy, exact_match, multiple_choice, pope, anls, cider
+    options: Dict[str, Any] = field(default_factory=dict)  # the metric's options (e.g. {protocol: textvqa})
+    prompt_suffix: str = ""  # appended to every question, e.g. "\nAnswer the question using a single word or phrase."
+    max_samples: Optional[int] = None  # the first N records (None: all)
+    max_new_tokens: int = 16
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 16
+    num_logged_samples: int = 4  # validation images with question, answer and output in TensorBoard
+    max_generate_batches: Optional[int] = None  # None: exact-match over the whole validation set
+    sets: List[EvalSetConfig] = field(default_factory=list)  # benchmark files scored during and after training
+    every_n_steps: Optional[int] = None  # score the sets every N steps (None: only when training ends)
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "val/loss"
+    mode: str = "min"
+    save_top_k: int = 1
+    every_n_train_steps: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    root: str = "runs"
+    # The run directory's name under <root>/<name>/; None: the command-line overrides the run started
+    # with (`encoder=sam_vit_b,lr=3e-4`), or `defaults` (experiment/run_dir.py)
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    stage: str = "sft"  # align | sft: picks the parts that train (model/vlm.py STAGE_TRAINABLE)
+    trainable: Optional[List[str]] = None  # None: the stage's default parts
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)  # lightning.Trainer keyword arguments
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resume: Optional[str] = None  # checkpoint path, or "auto" for the newest last.ckpt of this experiment
+    init_from: Optional[str] = None  # load module weights (e.g. an alignment run) before training
+    # Set by load_config, not by hand: the command-line `key=value` overrides the run started with
+    # (shown in TensorBoard's HPARAMS tab; the build never reads it).
+    overrides: List[str] = field(default_factory=list)

@@ -1,0 +1,173 @@
+"""The VLM as a plain nn.Module: vision tower -> projector -> causal LM.
+
+The vision tower is any `VisionEncoder`, possibly wrapped by a token reducer and/or an enhancer
+(INF-LLaVA's dual-perspective module), which satisfy the same contract. Each `<image>` placeholder in
+`input_ids` has already been expanded to N copies by the DataModule (as transformers' LLaVA processor
+does), so here the N projected image embeddings simply take those positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from encoders import VisionEncoder, split_parts
+from model.lora import adapter_prefix, is_lora
+
+# The parts of a VLM in the order data flows through them; a stage trains some of them.
+PARTS = ("encoder", "reducer", "enhancer", "projector", "llm")
+# Parts that train in each stage unless the YAML lists `trainable` (LLaVA-1.5 / INF-LLaVA recipes).
+STAGE_TRAINABLE = {"align": ("reducer", "enhancer", "projector"), "sft": ("reducer", "enhancer", "projector", "llm")}
+
+
+class VisionLanguageModel(nn.Module):
+    """Vision tower -> projector -> causal LM, image embeddings placed at the placeholder tokens.
+
+    Args:
+        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
+        projector: [M, N, C] -> [M, N, D].
+        llm: a transformers causal LM with hidden size D.
+        image_token_id: placeholder id in input_ids (N consecutive copies per image); None when the
+            model is built without a tokenizer (shapes only, e.g. `describe` of a recipe whose
+            tokenizer is not on this machine).
+    """
+
+    def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int | None) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters by part: encoder, reducer, enhancer, projector, llm (and llm_base with LoRA).
+
+        With LoRA adapters on the LLM (a peft model), "llm" holds only the adapters and "llm_base" the
+        frozen base weights, which no stage trains. Names are state-dict names: FSDP's and activation
+        checkpointing's wrapper prefixes are removed, so they match the keys of a full state dict.
+        """
+        parts = {k: [("vision." + n, p) for n, p in v] for k, v in split_parts(self.vision).items()}
+        parts["projector"] = [("projector." + n, p) for n, p in self.projector.named_parameters()]
+        llm = [("llm." + n, p) for n, p in self.llm.named_parameters()]
+        if not is_lora(self.llm):
+            parts["llm"] = llm
+        else:  # peft names adapter weights `...lora_A.default.weight` (LoraModel.prefix = "lora_")
+            adapter = (adapter_prefix(self.llm), "modules_to_save.")
+            parts["llm"] = [(n, p) for n, p in llm if any(a in n for a in adapter)]
+            parts["llm_base"] = [(n, p) for n, p in llm if not any(a in n for a in adapter)]
+        order = (*PARTS, "llm_base")  # the order data flows in
+        return {k: [(_state_dict_name(n), p) for n, p in parts[k]] for k in order if k in parts}
+
+    def freeze_for(self, stage: str, trainable: list[str] | tuple[str, ...] | None = None) -> str:
+        """Freeze everything but the stage's parts (or `trainable`); return the per-part parameter table.
+
+        The one place a stage becomes `requires_grad` (prismatic's `freeze_backbones(stage)`);
+        `describe` calls it on the meta-device build, so its table is the training run's table.
+        """
+        if stage not in STAGE_TRAINABLE:
+            raise ValueError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_TRAINABLE)}")
+        parts = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
+        present = self.parts()
+        why = "`trainable`" if trainable is not None else "the stage's default"
+        lines = [
+            f"stage {stage!r}: training {', '.join(p for p in present if p in parts)} ({why})",
+            f"{'part':<10}{'parameters':>16}{'trainable':>16}",
+        ]
+        total_all = trainable_all = 0
+        for name, params in present.items():
+            for _, p in params:
+                p.requires_grad_(name in parts)
+            total = sum(p.numel() for _, p in params)
+            total_all, trainable_all = total_all + total, trainable_all + (total if name in parts else 0)
+            lines.append(f"{name:<10}{total:>16,}{total if name in parts else 0:>16,}")
+        lines.append(f"{'total':<10}{total_all:>16,}{trainable_all:>16,}")
+        return "\n".join(lines)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[M, 3, S, S] normalised pixels -> [M, N, D] image embeddings in the LLM's input space."""
+        feats = self.vision(pixel_values)  # [M, N, C]
+        return self.projector(feats.to(self.projector_dtype()))  # [M, N, D]
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [B, T] (+ images [M, 3, S, S]) -> inputs_embeds [B, T, D] with images in place."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id  # [B, T]
+        num_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
+            if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Text-only batch under DDP: touch the vision path with zero weight so every rank's
+                # trainable vision parameters get a (zero) gradient and the all-reduce lines up.
+                dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
+                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+            return embeds
+        images = self.encode_images(pixel_values)  # [M, N, D]
+        if num_slots != images.shape[0] * images.shape[1]:
+            raise ValueError(
+                f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
+                f"{images.shape[0]} x {images.shape[1]} embeddings"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ):
+        """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
+
+        `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
+        (transformers' loss argument; VLMModule passes the global count / world size under DDP).
+        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample;
+        with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
+        if position_ids is not None:
+            # transformers only looks for packed samples in position_ids when there is no KV cache
+            extra.update(position_ids=position_ids, use_cache=False)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int,
+        stop_ids: list[int],
+        pad_id: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        """Decoding from left-padded prompts [B, P]: greedy with `temperature` 0, else sampling at that
+        temperature from the top-`top_p` nucleus. Returns the new tokens of each sample (stop excluded)."""
+        embeds = self.embed(prompt_ids, pixel_values)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=prompt_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=pad_id,
+            **(sampling or {"do_sample": False}),
+        )
+        # With inputs_embeds only, transformers returns just the generated tokens [B, <= max_new_tokens].
+        result = []
+        for row in out.tolist():
+            cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+            result.append(row[:cut])
+        return result
+
+
+def _state_dict_name(name: str) -> str:
+    # torch.distributed.fsdp's FSDP_PREFIX and checkpoint_wrapper's _CHECKPOINT_PREFIX (private constants)
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
