@@ -88,7 +88,7 @@ class OptimConfig:
 @dataclass
 class EvalSetConfig:
     """A benchmark file: JSON list or JSONL of {"id", "image"? (relative to image_folder), "question" (the
-    whole prompt the model sees), "reference" (what `metric` compares with; see lit_modules/metrics)}."""
+    whole prompt the model sees), "reference" (what `metric` compares with; see metrics/)}."""
 
     name: str = "eval"
     file: str = ""

@@ -1,7 +1,7 @@
 """Benchmark scores of a model on evaluation sets (`eval.sets` in the YAML), with the official metrics.
 
 Each set is a local file (foundation/schema.py `EvalSetConfig`): records with a question, an optional image and
-a `reference` in the form its metric takes (lit_modules/metrics: the 10 human answers for
+a `reference` in the form its metric takes (metrics/: the 10 human answers for
 `vqa_accuracy`, the answer for `exact_match` / `pope`, `{"choices", "answer"}` for `multiple_choice`,
 accepted answers for `anls`, captions for `cider`). The model answers every question through the run's
 own template and preprocessing (`lit_modules.predictor.Predictor`); the metric scores the answers.

@@ -6,7 +6,7 @@
         prompt_suffix: "\\nAnswer the question using a single word or phrase."}]'
 
 The sets come from the run's stored config, changed by `key=value` overrides (the file format is in
-foundation/schema.py `EvalSetConfig`; metrics in lit_modules/metrics). Prints one line per set and metric key
+foundation/schema.py `EvalSetConfig`; metrics in metrics/). Prints one line per set and metric key
 and writes every score and answer to --out (JSON).
 """
 
