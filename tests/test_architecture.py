@@ -51,7 +51,8 @@ def _imports(path: str) -> set[str]:
 SOURCES = {
     _module_name(p): _imports(p)
     for top in sorted(PACKAGES | {TESTS})
-    for p in glob.glob(os.path.join(REPO, top, "**", "*.py"), recursive=True) + glob.glob(os.path.join(REPO, top + ".py"))
+    for p in glob.glob(os.path.join(REPO, top, "**", "*.py"), recursive=True)
+    + glob.glob(os.path.join(REPO, top + ".py"))
 }
 # module -> the project modules it imports (`from a.b import c` names module a.b.c or attribute c of a.b)
 MODULES = {m: {n for i in imps for n in (i, i.rsplit(".", 1)[0]) if n in SOURCES} - {m} for m, imps in SOURCES.items()}
