@@ -37,7 +37,7 @@ from lit_modules.callbacks import (
     ValidationSamples,
 )
 from lit_modules.callbacks.console import progress_bar, quiet_lightning
-from lit_modules.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_weights
+from lit_modules.checkpoint_io import AtomicCheckpointIO, CheckpointError, check_intact, load_weights
 from lit_modules.vlm_module import VLMModule
 
 # What decides a checkpoint's keys: `resume=auto` only continues a run whose saved config agrees on these.
@@ -56,13 +56,34 @@ def _same_model(cfg: DictConfig, run_dir: str) -> bool:
 def resolve_resume(cfg: DictConfig) -> str | None:
     """`resume=auto` -> the newest last.ckpt (or Lightning's last-v<n>.ckpt) among this experiment's runs
     with the same stage, trainable parts and model (None if there is none yet): a run of the experiment
-    with another encoder or LLM has other keys and is never picked."""
+    with another encoder or LLM has other keys and is never picked. A damaged file is skipped for the newest
+    intact checkpoint of the same run (best-*.ckpt included), and both are named; an explicit `resume=<path>`
+    to a damaged file is a `CheckpointError`."""
     if cfg.resume != "auto":
+        if cfg.resume:
+            check_intact(cfg.resume)
         return cfg.resume
     run = cfg.logging.run_name or "*"  # a named run continues only itself
     found = glob.glob(os.path.join(cfg.logging.root, cfg.name, run, "checkpoints", "last*.ckpt"))
     found = [f for f in found if _same_model(cfg, os.path.dirname(os.path.dirname(f)))]
-    return max(found, key=os.path.getmtime) if found else None
+    if not found:
+        return None
+    newest = max(found, key=os.path.getmtime)
+    ours = sorted(glob.glob(os.path.join(os.path.dirname(newest), "*.ckpt")), key=os.path.getmtime, reverse=True)
+    candidates = [newest] + [f for f in ours if f != newest]
+    skipped = []
+    for path in candidates:
+        try:
+            check_intact(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        if skipped and rank_zero_only.rank == 0:
+            for reason in skipped:
+                print(f"resume=auto: skipped {reason}", file=sys.stderr)
+            print(f"resume=auto: resuming from {path}, the newest intact checkpoint of the run", file=sys.stderr)
+        return path
+    raise CheckpointError(f"resume=auto: no intact checkpoint in {os.path.dirname(newest)}: " + "; ".join(skipped))
 
 
 def build_trainer(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import zipfile
 from typing import Any, Optional
 
 import torch
@@ -53,8 +54,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is refused (it would run code when unpickled) or does not fit."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` with write-to-temp + fsync + `os.replace` for local paths."""
+    """`TorchCheckpointIO` with write-to-temp + fsync + `os.replace` for local paths, and reads that name a
+    damaged file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -79,23 +85,70 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(fd)
 
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = lambda storage, loc: storage, weights_only: Optional[bool] = None
+    ) -> dict:
+        """Lightning's read for `resume=<file>`: a damaged file is a `CheckpointError` that names it."""
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        check_intact(os.fspath(path))
+        try:
+            return super().load_checkpoint(path, map_location, weights_only)
+        except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{os.fspath(path)}: damaged: unreadable ({first})") from None
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is refused (it would run code when unpickled) or does not fit."""
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive of the pickle and tensors
+
+
+def check_intact(path: str) -> None:
+    """Raise `CheckpointError` if the checkpoint file at `path` is damaged (truncated by a partial copy or a
+    full disk, or not a checkpoint at all), without unpickling it.
+
+    A zip archive keeps its table of contents at its end, so a truncated file has none; every member must
+    also lie within the file. Reading the whole file to check CRCs would catch flipped bits too, but costs
+    a read of gigabytes on every rank; `torch.load` still fails on those, and `read_checkpoint` names the
+    file then. A directory (FSDP sharded, DeepSpeed) is left to its own reader.
+    """
+    if os.path.isdir(path):
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(ZIP_MAGIC))
+    if magic != ZIP_MAGIC:
+        if size == 0 or magic[:1] != b"\x80":  # not a zip archive, nor a legacy pickle (protocol 2+)
+            raise CheckpointError(f"{path}: damaged: not a checkpoint file ({size} bytes, starts {magic!r})")
+        return  # a legacy (pre-1.6) file: torch.load checks it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: damaged: truncated or corrupt ({size} bytes; {err})") from None
+    ends = [m.header_offset + m.compress_size for m in members]
+    if not members or max(ends) > size:
+        raise CheckpointError(f"{path}: damaged: its contents reach byte {max(ends, default=0)} of {size}")
 
 
 def read_checkpoint(path: str) -> dict:
-    """A checkpoint file's contents, read without running code from it (`weights_only`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    """A checkpoint file's contents, read without running code from it (`weights_only`); a damaged file or
+    one that would run code is a `CheckpointError` naming it."""
+    check_intact(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        if "weights only load failed" not in str(err).lower():
+            raise CheckpointError(f"{path}: damaged: unreadable ({first})") from None
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain data, which could run code when "
             f"loaded ({first}). Checkpoints written by this repo never do; re-save the weights as a plain state dict."
         ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: damaged: unreadable ({first})") from None
 
 
 def load_weights(module, checkpoint: str | dict) -> dict:
