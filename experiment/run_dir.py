@@ -12,19 +12,29 @@ before its first checkpoint) the run starts there afresh, the earlier attempt's 
 `attempt-<n>/`. Rank 0 claims the directory with one atomic `mkdir`, so two jobs started in the same
 second never share one; ranks a launcher starts later take rank 0's choice from the environment
 (`LastCheckpoint` also broadcasts its directory, for launchers that start all ranks at once).
+
+One job writes to a run at a time: rank 0 holds an exclusive `flock` on `<run>/.lock` while the job runs
+(`lock_run_directory`). A second job on the same run (a double submission, two `resume=auto` of one
+`logging.run_name`) is refused in one line naming the run and the holder. The kernel drops the lock with
+the process, so a job killed with SIGKILL never blocks the next one. On a network filesystem this needs
+working `flock` (NFSv4, Lustre mounted with `flock`, GPFS; not Lustre's `localflock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import os
 import re
+import socket
+import time
 
 from omegaconf import DictConfig
 
 from foundation.schema import ConfigError
 
+LOCK = ".lock"  # in the run directory; holds "pid <pid> on <host> since <time>" of the job writing there
 DEFAULT_NAME = "defaults"  # a run with no command-line overrides
 ENV = "VLM_RUN_NAME"  # rank 0's claimed name, inherited by the ranks Lightning's launcher starts
 MAX_LENGTH = 120
@@ -115,7 +125,7 @@ def claim_run_directory(cfg: DictConfig, resume: str | None, rank: int = 0) -> s
 def set_aside(run_dir: str) -> str:
     """Move what an attempt that left no checkpoint wrote in `run_dir` (config, event files) into
     `run_dir/attempt-<n>/`, so the fresh start's curves are not drawn over it; returns that folder."""
-    entries = [e for e in os.listdir(run_dir) if not e.startswith("attempt-")]
+    entries = [e for e in os.listdir(run_dir) if not e.startswith("attempt-") and e != LOCK]
     n = 1
     while os.path.exists(os.path.join(run_dir, f"attempt-{n}")):
         n += 1
@@ -127,8 +137,45 @@ def set_aside(run_dir: str) -> str:
 
 
 def release_run_directory(cfg: DictConfig, name: str) -> None:
-    """Remove the run directory `name` if it is still empty (claimed by a run that failed before writing)."""
+    """Remove the run directory `name` if it holds nothing but its lock (claimed by a run that failed before
+    writing)."""
+    run_dir = os.path.join(cfg.logging.root, cfg.name, name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir) == [LOCK]:
+        os.remove(os.path.join(run_dir, LOCK))
     try:
-        os.rmdir(os.path.join(cfg.logging.root, cfg.name, name))
+        os.rmdir(run_dir)
     except OSError:  # not empty (a resumed or set-aside run), or already gone
         pass
+
+
+class RunLock:
+    """The exclusive lock of one run directory, held until `release()` or the process ends.
+
+    Args:
+        run_dir: the run directory (it exists).
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, LOCK)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 512, 0).decode(errors="replace").strip() or "another process"
+            self.release()
+            raise ConfigError(
+                f"{run_dir} is in use by another job ({holder}); wait for it to end, or start another run "
+                f"(another logging.run_name)"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def lock_run_directory(cfg: DictConfig, name: str, rank: int = 0) -> RunLock | None:
+    """Rank 0 locks the run directory `name` (the other ranks of its job write under rank 0's lock)."""
+    return RunLock(os.path.join(cfg.logging.root, cfg.name, name)) if rank == 0 else None

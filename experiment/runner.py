@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiment.assemble import build_datamodule, build_module, build_tokenizer
 from experiment.config import save_config
 from experiment.preflight import check_files
-from experiment.run_dir import claim_run_directory, release_run_directory
+from experiment.run_dir import claim_run_directory, lock_run_directory, release_run_directory
 from experiment.strategy import build_strategy
 from lit_modules.callbacks import (
     Benchmarks,
@@ -136,19 +136,28 @@ def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
     check_files(cfg)  # before minutes of model building and before a run directory exists
     resume = resolve_resume(cfg)
     run_name = claim_run_directory(cfg, resume, rank_zero_only.rank)  # before minutes of model building
-    quiet_lightning()
-    L.seed_everything(cfg.seed, workers=True)
+    lock = None
     try:
-        tokenizer = build_tokenizer(cfg)
-        datamodule = build_datamodule(cfg, tokenizer)
-        module = build_module(cfg, tokenizer)
-        if cfg.init_from:
-            load_weights(module, cfg.init_from)
-        trainer = build_trainer(cfg, resume, module, run_name)
+        lock = lock_run_directory(cfg, run_name, rank_zero_only.rank)  # one job per run; released at the end
+        return _build_and_fit(cfg, resume, run_name, callbacks)
     except BaseException:  # a build that fails leaves no empty run directory behind to take the name
-        if rank_zero_only.rank == 0:  # the rank that claimed it
+        if lock is not None:  # rank 0, which claimed it
             release_run_directory(cfg, run_name)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_and_fit(cfg: DictConfig, resume: str | None, run_name: str, callbacks) -> L.Trainer:
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer(cfg)
+    datamodule = build_datamodule(cfg, tokenizer)
+    module = build_module(cfg, tokenizer)
+    if cfg.init_from:
+        load_weights(module, cfg.init_from)
+    trainer = build_trainer(cfg, resume, module, run_name)
     trainer.callbacks.extend(callbacks)
     if trainer.is_global_zero:
         print(f"run directory: {trainer.logger.log_dir}  (tensorboard --logdir {cfg.logging.root})")
