@@ -20,6 +20,7 @@ from experiment.strategy import check_strategy
 from foundation.registry import Registry
 from foundation.schema import ConfigError
 from foundation.typecheck import describe, fits
+from lit_modules.lr_schedule import EXTENSIONS
 from metrics import METRICS
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
 from model.projector import PROJECTORS
@@ -49,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
         choice(f"optim.lr_per_part.{part}", part, PARTS)
     choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
     choice("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
+    choice("optim.extend", cfg.optim.extend, EXTENSIONS)
     registered("model.projector", cfg.model.projector, PROJECTORS)
     if cfg.data.template is not None:
         registered("data.template", cfg.data.template, TEMPLATES)

@@ -83,6 +83,8 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
+    # a resumed run whose length changed (max_steps, max_epochs, world size, batch): refuse | cosine | constant
+    extend: str = "refuse"
 
 
 @dataclass

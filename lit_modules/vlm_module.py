@@ -15,9 +15,9 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from foundation.schema import EvalConfig, OptimConfig
+from lit_modules.lr_schedule import WarmupCosine
 from model.vlm import VisionLanguageModel
 
 
@@ -175,14 +175,19 @@ class VLMModule(L.LightningModule):
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
         optimizer = torch.optim.AdamW(groups, betas=tuple(self.optim.betas))
-        total = self.trainer.estimated_stepping_batches
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer,
-            num_warmup_steps=math.ceil(self.optim.warmup_ratio * total),
-            num_training_steps=total,
-            min_lr_rate=self.optim.min_lr_ratio,
-        )
+        total = int(self.trainer.estimated_stepping_batches)
+        # restored from a resumed run's checkpoint; on_train_start reconciles it with `total` (optim.extend)
+        self.lr_schedule = WarmupCosine(math.ceil(self.optim.warmup_ratio * total), total, self.optim.min_lr_ratio)
+        self._planned_steps = total
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run's schedule came back with the scheduler's state; a run made longer or shorter since
+        # extends it from here as optim.extend says (lit_modules/lr_schedule.py), never with a jump.
+        schedule = getattr(self, "lr_schedule", None)
+        if schedule is not None and schedule.end != self._planned_steps:
+            schedule.extend(self.trainer.global_step, self._planned_steps, self.optim.extend)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
