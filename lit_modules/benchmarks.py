@@ -10,6 +10,7 @@ own template and preprocessing (`lit_modules.predictor.Predictor`); the metric s
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from datamodules.llava_data import DataError, load_records
 from foundation.schema import EvalSetConfig
@@ -31,8 +32,11 @@ def read_set(eval_set: EvalSetConfig) -> list[dict]:
     return records[: eval_set.max_samples]
 
 
-def evaluate_set(predictor: Predictor, eval_set: EvalSetConfig, image_token: str = "<image>") -> dict:
-    """{metric key: score} of the predictor on one set, plus "predictions" (id -> answer)."""
+def evaluate_set(
+    predictor: Predictor, eval_set: EvalSetConfig, image_token: str = "<image>", should_stop: Callable | None = None
+) -> dict:
+    """{metric key: score} of the predictor on one set, plus "predictions" (id -> answer). `should_stop`: see
+    `Predictor.answer_records` (training-time scoring passes it; an exported predictor has none)."""
     records = read_set(eval_set)
     questions = [
         {
@@ -47,13 +51,16 @@ def evaluate_set(predictor: Predictor, eval_set: EvalSetConfig, image_token: str
         }
         for k, r in enumerate(records)
     ]
+    stop = {} if should_stop is None else {"should_stop": should_stop}
     answers = predictor.answer_records(
-        questions, eval_set.image_folder, eval_set.batch_size, max_new_tokens=eval_set.max_new_tokens
+        questions, eval_set.image_folder, eval_set.batch_size, max_new_tokens=eval_set.max_new_tokens, **stop
     )
     scores = METRICS.build(eval_set.metric, answers, [r["reference"] for r in records], **eval_set.options)
     return {**scores, "predictions": {str(q["id"]): a for q, a in zip(questions, answers)}}
 
 
-def evaluate(predictor: Predictor, sets: list[EvalSetConfig], image_token: str = "<image>") -> dict[str, dict]:
+def evaluate(
+    predictor: Predictor, sets: list[EvalSetConfig], image_token: str = "<image>", should_stop: Callable | None = None
+) -> dict[str, dict]:
     """{set name: {metric key: score, "predictions": ...}} for every set."""
-    return {s.name: evaluate_set(predictor, s, image_token) for s in sets}
+    return {s.name: evaluate_set(predictor, s, image_token, should_stop) for s in sets}

@@ -11,12 +11,17 @@ collate -> VisionLanguageModel.generate), so an answer here is the answer valida
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
 from datamodules.llava_data import LLaVADataset, Sample, collate
 
 PLACEHOLDER_ANSWER = "."  # the template needs an answer turn; only the prompt before it is used
+
+
+class Interrupted(Exception):
+    """Answering stopped early because `should_stop` said so (SIGTERM during a training-time evaluation)."""
 
 
 class Asking:
@@ -61,9 +66,11 @@ class Predictor(Asking):
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[str]:
         """The model's answer to the last human turn of each LLaVA-format record (a trailing gpt turn, the
-        reference, is replaced by the model's answer)."""
+        reference, is replaced by the model's answer). `should_stop` is asked before every batch; when it says
+        so, `Interrupted` is raised (a pre-empted job stops scoring within one batch)."""
         dm = self.datamodule
         samples = []
         for index, record in enumerate(records):
@@ -80,6 +87,8 @@ class Predictor(Asking):
         module.eval()  # no dropout; restored after, so a training-time evaluation leaves training as it was
         try:
             for start in range(0, len(dataset), batch_size):
+                if should_stop is not None and should_stop():
+                    raise Interrupted(f"stopped after {start} of {len(dataset)} records")
                 answers += self._generate(dataset, start, batch_size, max_new_tokens, temperature, top_p)
         finally:
             module.train(training)

@@ -7,10 +7,11 @@ import os
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from foundation.schema import EvalSetConfig
 from lit_modules.benchmarks import evaluate
-from lit_modules.predictor import Predictor
+from lit_modules.predictor import Interrupted, Predictor
 
 
 class Benchmarks(L.Callback):
@@ -35,14 +36,25 @@ class Benchmarks(L.Callback):
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._run(trainer, pl_module)
+        if not self._run(trainer, pl_module):  # pre-empted during the final scores: the job did not finish
+            raise SIGTERMException
 
-    def _run(self, trainer, pl_module) -> None:
+    def _run(self, trainer, pl_module) -> bool:
+        """Score and log the sets; False if SIGTERM stopped the scoring (nothing is logged then)."""
         if not self.sets or not trainer.is_global_zero or self._done_step == trainer.global_step:
-            return
+            return True
         self._done_step = trainer.global_step
         dm = trainer.datamodule
-        results = evaluate(Predictor(pl_module, dm), self.sets, dm.image_token)
+        # SIGTERM (noted by LastCheckpoint) stops the scoring within one batch; training then stops and saves at
+        # the next step boundary, where all ranks agree on it.
+        noted = [c for c in trainer.callbacks if hasattr(c, "sigterm_noted")]
+        try:
+            results = evaluate(
+                Predictor(pl_module, dm), self.sets, dm.image_token, lambda: any(c.sigterm_noted for c in noted)
+            )
+        except Interrupted as stop:
+            rank_zero_info(f"step {trainer.global_step}: benchmark scoring stopped by SIGTERM ({stop})")
+            return False
         metrics = {}
         for name, scores in results.items():
             keys = [k for k in scores if k != "predictions"]

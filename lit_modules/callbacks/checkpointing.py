@@ -20,8 +20,9 @@ class LastCheckpoint(L.Callback):
     """`dirpath/last.ckpt`, overwritten: every `every_n_train_steps` steps (None: epoch ends only), after
     each training epoch, and on SIGTERM: its handler notes the signal, at the next training step's end all
     ranks agree on it in one all-reduce and save, and the next step raises `SIGTERMException` before it
-    runs (a signal during validation acts after it); `experiment.runner.run` then exits with status 143, so a
-    scheduler sees the job did not finish.
+    runs; during validation the ranks agree at every validation batch and stop there (benchmark scoring, on
+    rank 0 alone, stops between its batches: lit_modules/callbacks/benchmarks.py). `experiment.runner.run`
+    then exits with status 143, so a scheduler sees the job did not finish.
 
     A checkpoint written during training after an epoch's last batch (at the epoch's end, or on SIGTERM
     there) records its loops as "epoch e+1 about to start" (`at_next_epoch_start`): Lightning 2.6 resumes
@@ -85,6 +86,22 @@ class LastCheckpoint(L.Callback):
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, *_) -> None:
+        # A long validation (generation on thousands of records) must not outlast the scheduler's grace period
+        # (SLURM's KillWait, 30 s by default): stop at the next validation batch. The checkpoint holds the
+        # last completed training step and its data position; the resume runs that validation again.
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.strategy.reduce_boolean_decision(self._sigterm, all=False):
+            self._save(trainer)
+            self._stopping = True
+            raise SIGTERMException
+
+    @property
+    def sigterm_noted(self) -> bool:
+        """SIGTERM arrived on this rank (for work outside the loops, e.g. benchmark scoring, to stop early)."""
+        return self._sigterm
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
