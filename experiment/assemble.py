@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules import DATAMODULES, ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
+from datamodules import ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
 from datamodules.templates import stop_token_ids
 from foundation.schema import ConfigError
+from foundation.stages import STAGES
 from lit_modules.vlm_module import VLMModule
 from model.build import build_vision, build_vlm
 
@@ -36,13 +37,13 @@ def build_datamodule(cfg: DictConfig, tokenizer=None) -> LLaVADataModule:
     with torch.device("meta"):
         image = ImageSpec.of(build_vision(cfg.model))
     data = builtin_data(OmegaConf.to_object(cfg.data), cfg.stage)
-    return DATAMODULES[cfg.stage](tokenizer, data, image, seed=cfg.seed, image_token=cfg.model.image_token)
+    return LLaVADataModule(tokenizer, data, image, stage=cfg.stage, seed=cfg.seed, image_token=cfg.model.image_token)
 
 
 def build_module(cfg: DictConfig, tokenizer=None) -> VLMModule:
     """The VLMModule of `cfg`: `build_vlm` (weights from their sources) frozen for the stage."""
     tokenizer = tokenizer or build_tokenizer(cfg)
-    template = cfg.data.template or DATAMODULES[cfg.stage].default_template
+    template = STAGES.get(cfg.stage).template(cfg.data.template)
     return VLMModule(
         build_vlm(cfg.model, tokenizer),
         tokenizer,

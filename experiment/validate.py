@@ -19,11 +19,11 @@ from encoders.enhancers import ENHANCERS
 from experiment.strategy import check_strategy
 from foundation.registry import Registry
 from foundation.schema import ConfigError
+from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from metrics import METRICS
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
 from model.projector import PROJECTORS
-from model.vlm import PARTS, STAGE_TRAINABLE
 
 # Config blocks `{name: ..., **options}` and the registry that builds each.
 NAMED_BLOCK_REGISTRIES = {"model.encoder": ENCODERS, "model.reducer": REDUCERS, "model.enhancer": ENHANCERS}
@@ -42,7 +42,7 @@ def registered(key: str, name: Any, registry: Registry) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and the valid choices for the first problem found."""
-    choice("stage", cfg.stage, STAGE_TRAINABLE)
+    registered("stage", cfg.stage, STAGES)
     for part in cfg.trainable or []:
         choice("trainable", part, PARTS)
     for part in cfg.optim.lr_per_part:

@@ -130,7 +130,7 @@ class LoggingConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
-    stage: str = "sft"  # align | sft: picks the parts that train (model/vlm.py STAGE_TRAINABLE)
+    stage: str = "sft"  # align | sft: what trains, the default template, the built-in files (foundation/stages.py)
     trainable: Optional[List[str]] = None  # None: the stage's default parts
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datamodules import ImageSpec, SFTDataModule
+from datamodules import ImageSpec, LLaVADataModule
 from datamodules.llava_data import collate
 from datamodules.packing import first_fit, pack
 from datamodules.templates import IGNORE_INDEX
@@ -185,7 +185,7 @@ def test_datamodule_packs_each_sample_once(tokenizer, shapes_root, packing_json)
         batch_size=5,
         packing=True,
     )
-    dm = SFTDataModule(tokenizer, data, ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=9))
+    dm = LLaVADataModule(tokenizer, data, ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=9), stage="sft")
     dm.setup()
     seen, rows, samples = Counter(), 0, 0
     for batch in dm.train_dataloader():

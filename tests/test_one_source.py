@@ -1,0 +1,55 @@
+"""Lists written once: each test shows that the code reading a list reads the one source of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import model.flops
+import model.vlm
+from datamodules import ImageSpec, LLaVADataModule, builtin_data
+from encoders.preprocess import ResizeCrop
+from experiment.describe import build_on_meta
+from foundation.schema import BuiltinDataConfig, ConfigError, DataConfig
+from foundation.stages import PARTS, STAGES, Stage
+
+IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=4, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_the_flop_model_and_the_vlm_share_the_parts():
+    assert model.flops.PARTS is model.vlm.PARTS is PARTS
+
+
+@pytest.mark.parametrize("stage", STAGES.names())
+def test_the_stage_table_drives_the_freezing(tiny_cfg, stage):
+    vlm, table = build_on_meta(tiny_cfg(f"stage={stage}", "trainable=null"))
+    trained = {part for part, params in vlm.parts().items() if all(p.requires_grad for _, p in params)}
+    frozen = {part for part, params in vlm.parts().items() if not any(p.requires_grad for _, p in params)}
+    assert trained == set(STAGES.get(stage).trains) & set(vlm.parts())
+    assert frozen == set(vlm.parts()) - trained
+    assert f"stage {stage!r}" in table
+
+
+@pytest.mark.parametrize("stage", STAGES.names())
+def test_the_stage_table_drives_the_data(tokenizer, shapes_root, stage):
+    row = STAGES.get(stage)
+    builtin = BuiltinDataConfig(root=shapes_root, image_size=32, num_train=48, num_val=8)  # conftest's dataset
+    data = builtin_data(DataConfig(builtin=builtin), stage)
+    assert data.train_json == f"{shapes_root}/{row.builtin_train}"
+    assert data.val_json == (None if row.builtin_val is None else f"{shapes_root}/{row.builtin_val}")
+    dm = LLaVADataModule(tokenizer, data, IMAGE, stage=stage)
+    assert dm.template == row.default_template
+    named = LLaVADataModule(tokenizer, dataclasses.replace(data, template="chatml"), IMAGE, stage=stage)
+    assert named.template == "chatml"
+
+
+def test_a_new_stage_is_valid_and_freezes_by_its_row(tiny_cfg):
+    with pytest.raises(ConfigError, match=f"choose one of: {', '.join(STAGES.names())}$"):
+        tiny_cfg("stage=projector_only")
+    STAGES.register("projector_only", Stage(("projector",), "chatml", "sft_train.json", "sft_val.json"))
+    try:
+        vlm, _ = build_on_meta(tiny_cfg("stage=projector_only", "trainable=null"))
+        assert [part for part, params in vlm.parts().items() if params[0][1].requires_grad] == ["projector"]
+    finally:
+        STAGES.unregister("projector_only")
