@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules import ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
+from datamodules import ImageSpec, LLaVADataModule, builtin_data, load_tokenizer
 from datamodules.templates import stop_token_ids
+from experiment.preflight import tokenizer_source
 from foundation.schema import ConfigError
 from foundation.stages import STAGES
 from lit_modules.vlm_module import VLMModule
@@ -18,7 +19,8 @@ from model.build import build_vision, build_vlm
 
 
 def tokenizer_path(cfg: DictConfig) -> str:
-    path = cfg.model.tokenizer or cfg.model.llm.path or builtin_tokenizer(cfg.data)
+    """The tokenizer directory (`experiment.preflight.tokenizer_source`, which preflight checks)."""
+    _, path = tokenizer_source(cfg)
     if path is None:
         raise ConfigError("set 'model.tokenizer' (a tokenizer directory): the LLM comes from an inline config")
     return path
@@ -26,7 +28,7 @@ def tokenizer_path(cfg: DictConfig) -> str:
 
 def build_tokenizer(cfg: DictConfig):
     """The LLM's tokenizer with the image placeholder and a pad token (generates built-in data if needed)."""
-    if cfg.model.tokenizer is None and cfg.model.llm.path is None:
+    if tokenizer_source(cfg)[0] == "data.builtin":
         builtin_data(OmegaConf.to_object(cfg.data), cfg.stage)  # the built-in dataset ships its tokenizer
     return load_tokenizer(tokenizer_path(cfg), cfg.model.image_token)
 
