@@ -9,10 +9,15 @@ import pytest
 import model.flops
 import model.vlm
 from datamodules import ImageSpec, LLaVADataModule, builtin_data
+from datamodules.shapes import COLOURS, COUNTS, QUADRANTS, SHAPES, TEXT_ONLY
 from encoders.preprocess import ResizeCrop
+from experiment.assemble import build_datamodule, build_module, tokenizer_path
 from experiment.describe import build_on_meta
+from experiment.preflight import check_files, tokenizer_source
 from foundation.schema import BuiltinDataConfig, ConfigError, DataConfig
 from foundation.stages import PARTS, STAGES, Stage
+from metrics import METRICS
+from metrics.exact_match import gqa_normalize
 
 IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=4, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
 
@@ -53,3 +58,37 @@ def test_a_new_stage_is_valid_and_freezes_by_its_row(tiny_cfg):
         assert [part for part, params in vlm.parts().items() if params[0][1].requires_grad] == ["projector"]
     finally:
         STAGES.unregister("projector_only")
+
+
+def test_validation_exact_match_is_the_benchmark_metric(tiny_cfg):
+    cfg = tiny_cfg()
+    module = build_module(cfg)
+    dm = build_datamodule(cfg, module.tokenizer)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    answers = batch["answers"]
+    # right, right with a period the word-level decode writes apart (" ." : the metric strips "." before " "),
+    # and wrong; the first sample's image counts as unreadable, so it is not scored
+    texts = [[a, f"{a} .", "blue" if a != "blue" else "red"][k % 3] for k, a in enumerate(answers)]
+    ids = [module.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    module.model.generate = lambda *args, **kwargs: ids
+    batch["skipped"][0] = True
+    outputs = module.validation_step(batch, 0)["outputs"]
+    expected = METRICS.build("exact_match", outputs[1:], answers[1:])["accuracy"]
+    assert 0 < expected < 1
+    assert module.val_accuracy.compute().item() == pytest.approx(expected)
+
+
+def test_builtin_answers_are_what_exact_match_compares():
+    # the metric normalises predictions only: references already in that form score as before the switch
+    refs = [*COLOURS, *SHAPES, *COUNTS, *QUADRANTS, *(a for _, a in TEXT_ONLY)]
+    assert all(gqa_normalize(r) == r for r in refs)
+    assert METRICS.build("exact_match", [f" {r.upper()}." for r in refs], refs)["accuracy"] == 1.0
+
+
+def test_preflight_checks_the_tokenizer_the_run_loads(tiny_cfg, tmp_path):
+    for overrides, key in (((), "data.builtin"), ((f"model.tokenizer={tmp_path}/tok",), "model.tokenizer")):
+        cfg = tiny_cfg(*overrides)
+        assert tokenizer_source(cfg) == (key, tokenizer_path(cfg))
+    with pytest.raises(ConfigError, match=f"'model.tokenizer' = '{tmp_path}/tok': tokenizer directory not found"):
+        check_files(cfg)
