@@ -14,19 +14,15 @@ import lightning
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.templates import TEMPLATES
-from encoders import ENCODERS, REDUCERS
-from encoders.enhancers import ENHANCERS
+from encoders import BLOCK_REGISTRIES
 from experiment.strategy import check_strategy
 from foundation.registry import Registry
-from foundation.schema import ConfigError
+from foundation.schema import NAMED_BLOCKS, ConfigError
 from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from metrics import METRICS
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
 from model.projector import PROJECTORS
-
-# Config blocks `{name: ..., **options}` and the registry that builds each.
-NAMED_BLOCK_REGISTRIES = {"model.encoder": ENCODERS, "model.reducer": REDUCERS, "model.enhancer": ENHANCERS}
 
 
 def choice(key: str, value: Any, valid: Iterable) -> None:
@@ -53,7 +49,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.template is not None:
         registered("data.template", cfg.data.template, TEMPLATES)
 
-    for block, registry in NAMED_BLOCK_REGISTRIES.items():
+    for kind in NAMED_BLOCKS:
+        block, registry = f"model.{kind}", BLOCK_REGISTRIES[kind]
         node = OmegaConf.select(cfg, block)
         if node is None:
             continue

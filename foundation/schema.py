@@ -30,6 +30,12 @@ class LLMConfig:
     quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
 
 
+# ModelConfig's blocks `{name, **options}`, in the order the vision tower is built (the encoder, then the
+# wrappers around it): `name` picks a builder from the registry of the block's kind (encoders.BLOCK_REGISTRIES,
+# by `Registry.kind`), and a config source that sets `name` replaces the block whole (experiment/config.py).
+NAMED_BLOCKS = ("encoder", "reducer", "enhancer")
+
+
 @dataclass
 class ModelConfig:
     encoder: Dict[str, Any] = field(default_factory=lambda: {"name": "clip_vit_l_336"})  # {name, **builder options}

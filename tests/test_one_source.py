@@ -5,19 +5,23 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import model.flops
 import model.vlm
 from datamodules import ImageSpec, LLaVADataModule, builtin_data
 from datamodules.shapes import COLOURS, COUNTS, QUADRANTS, SHAPES, TEXT_ONLY
+from encoders import BLOCK_REGISTRIES, encoder_chain
 from encoders.preprocess import ResizeCrop
 from experiment.assemble import build_datamodule, build_module, tokenizer_path
+from experiment.config import REPLACED_WHOLE
 from experiment.describe import build_on_meta
 from experiment.preflight import check_files, tokenizer_source
-from foundation.schema import BuiltinDataConfig, ConfigError, DataConfig
+from foundation.schema import NAMED_BLOCKS, BuiltinDataConfig, ConfigError, DataConfig, ModelConfig
 from foundation.stages import PARTS, STAGES, Stage
 from metrics import METRICS
 from metrics.exact_match import gqa_normalize
+from model.build import build_vision
 
 IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=4, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
 
@@ -92,3 +96,24 @@ def test_preflight_checks_the_tokenizer_the_run_loads(tiny_cfg, tmp_path):
         assert tokenizer_source(cfg) == (key, tokenizer_path(cfg))
     with pytest.raises(ConfigError, match=f"'model.tokenizer' = '{tmp_path}/tok': tokenizer directory not found"):
         check_files(cfg)
+
+
+def test_named_blocks_are_the_schema_fields_with_a_registry():
+    assert set(BLOCK_REGISTRIES) == set(NAMED_BLOCKS)
+    assert set(NAMED_BLOCKS) <= {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {f"model.{block}" for block in NAMED_BLOCKS} <= set(REPLACED_WHOLE)
+
+
+@pytest.mark.parametrize("block", NAMED_BLOCKS)
+def test_each_named_block_is_validated_against_its_registry(tiny_cfg, block):
+    with pytest.raises(ConfigError, match=rf"'model\.{block}\.name' = 'nope' .* {BLOCK_REGISTRIES[block].choices()}$"):
+        tiny_cfg(f"model.{block}={{name: nope}}")
+
+
+def test_a_named_block_is_replaced_whole_and_built_in_order(tiny_cfg):
+    cfg = tiny_cfg("model.reducer={name: avgpool, factor: 2}", "model.reducer={name: conv}")
+    assert dict(cfg.model.reducer) == {"name": "conv"}  # avgpool's factor does not leak into conv
+    cfg = tiny_cfg("model.reducer={name: avgpool, factor: 2}")
+    with torch.device("meta"):
+        vision = build_vision(cfg.model)
+    assert [type(m).__module__ for m in encoder_chain(vision)] == ["encoders.token_reducer", "encoders.timm_vit"]
