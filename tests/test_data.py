@@ -14,12 +14,13 @@ from datamodules.llava_data import DataError
 from datamodules.sampler import GroupedSampler
 from datamodules.shapes import QUESTIONS, answers, render
 from datamodules.templates import IGNORE_INDEX
+from encoders.preprocess import ResizeCrop
 from foundation.schema import DataConfig
 
 N = 9  # image tokens per image in these tests
 
 
-IMAGE = ImageSpec(image_size=32, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, num_tokens=N)
+IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=N, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
 
 
 def make_dm(tokenizer, train_json, image_folder, **kw) -> LLaVADataModule:
