@@ -25,6 +25,7 @@ import shutil
 
 from PIL import Image, ImageDraw
 
+from datamodules.templates import TEMPLATES, tokenizer_chat_template
 from foundation.schema import DataConfig
 from foundation.stages import STAGES
 
@@ -54,13 +55,10 @@ TEXT_ONLY = [
     ("What shape is a ball?", "circle"),
     ("What color is a banana?", "yellow"),
 ]
-FORMAT_VERSION = 2  # bump when rendering or records change, so old generated datasets are rebuilt
-CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# ChatML, the same format as the "chatml" template in datamodules/templates.py.
-CHATML_JINJA = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# bump when rendering, records or the tokenizer change, so old generated datasets are rebuilt
+# (3: the tokenizer's chat template is the chatml template's own Jinja form)
+FORMAT_VERSION = 3
+CHAT_TEMPLATE = "chatml"  # the built-in tokenizer's chat template and special tokens (datamodules/templates.py)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], rgb) -> None:
@@ -195,7 +193,8 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + CHAT_SPECIAL_TOKENS
+    chat_specials = list(TEMPLATES.get(CHAT_TEMPLATE).special_tokens)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + chat_specials
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     # Every word the generator can emit, so a small dataset still gets the full vocabulary.
@@ -216,9 +215,9 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS,
+        additional_special_tokens=["<image>"] + chat_specials,
     )
-    fast.chat_template = CHATML_JINJA
+    fast.chat_template = tokenizer_chat_template(CHAT_TEMPLATE)
     fast.save_pretrained(out_dir)
 
 

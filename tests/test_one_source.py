@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+import inference.export as export
 import model.flops
 import model.vlm
 from datamodules import ImageSpec, LLaVADataModule, builtin_data
 from datamodules.shapes import COLOURS, COUNTS, QUADRANTS, SHAPES, TEXT_ONLY
+from datamodules.templates import TEMPLATES, tokenizer_chat_template
 from encoders import BLOCK_REGISTRIES, encoder_chain
 from encoders.preprocess import ResizeCrop
 from experiment.assemble import build_datamodule, build_module, tokenizer_path
@@ -19,6 +21,7 @@ from experiment.describe import build_on_meta
 from experiment.preflight import check_files, tokenizer_source
 from foundation.schema import NAMED_BLOCKS, BuiltinDataConfig, ConfigError, DataConfig, ModelConfig
 from foundation.stages import PARTS, STAGES, Stage
+from inference.export import chat_template as export_chat_template
 from metrics import METRICS
 from metrics.exact_match import gqa_normalize
 from model.build import build_vision
@@ -117,3 +120,15 @@ def test_a_named_block_is_replaced_whole_and_built_in_order(tiny_cfg):
     with torch.device("meta"):
         vision = build_vision(cfg.model)
     assert [type(m).__module__ for m in encoder_chain(vision)] == ["encoders.token_reducer", "encoders.timm_vit"]
+
+
+def test_chatml_is_written_once_in_the_template_registry(tokenizer):
+    chatml = TEMPLATES.get("chatml")
+    # the built-in tokenizer's chat template and marker tokens are the registered template's
+    assert tokenizer.chat_template == tokenizer_chat_template("chatml")
+    for marker in chatml.special_tokens:
+        assert len(tokenizer.encode(marker, add_special_tokens=False)) == 1
+    # and an export writes the same Jinja form (after its settings and macros)
+    exported = export_chat_template(tokenizer, "chatml")
+    assert exported.endswith(chatml.jinja)
+    assert all(chatml.special_tokens[0] not in m and chatml.special_tokens[1] not in m for m in (export._MACROS,))
