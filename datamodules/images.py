@@ -90,25 +90,6 @@ def mean_colour(pixel_mean) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class _ShortestEdgeCrop:
-    """CLIP's recipe (shortest edge to S, bicubic, centre crop with top = (h - S) // 2, normalise): the
-    default for an `ImageSpec` built without an encoder's own `preprocess` (tests, synthetic data)."""
-
-    image_size: int
-    pixel_mean: tuple[float, float, float]
-    pixel_std: tuple[float, float, float]
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        S, (w, h) = self.image_size, img.size
-        size = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
-        img = img.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-        left, top = (img.size[0] - S) // 2, (img.size[1] - S) // 2
-        x = torch.from_numpy(np.array(img.crop((left, top, left + S, top + S)), dtype=np.uint8))
-        x = x.permute(2, 0, 1).float() / 255.0  # [3, S, S]
-        return (x - torch.tensor(self.pixel_mean).view(3, 1, 1)) / torch.tensor(self.pixel_std).view(3, 1, 1)
-
-
-@dataclass(frozen=True)
 class ImageTransform:
     """PIL RGB -> normalised [3, S, S]: LLaVA-1.5's pad-to-square (when `pad_fill` is set), then the
     encoder's own preprocessing. A picklable object, so DataLoader workers can copy it."""
@@ -136,20 +117,15 @@ class ImageSpec:
         pixel_mean: normalisation mean per channel (0-1 scale).
         pixel_std: normalisation std per channel (0-1 scale).
         num_tokens: N image embeddings per image, what each placeholder expands to.
-        preprocess: the encoder's own PIL RGB -> normalised [3, S, S] (`VisionEncoder.preprocess`);
-            None = CLIP's recipe (shortest edge to S, centre crop) with `pixel_mean` / `pixel_std`.
+        preprocess: the encoder's own PIL RGB -> normalised [3, S, S] (`VisionEncoder.preprocess`; CLIP's
+            recipe, `encoders.preprocess.ResizeCrop`, for an encoder without one of its own).
     """
 
     image_size: int
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     num_tokens: int
-    preprocess: Callable[[Image.Image], torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        if self.preprocess is None:
-            default = _ShortestEdgeCrop(self.image_size, tuple(self.pixel_mean), tuple(self.pixel_std))
-            object.__setattr__(self, "preprocess", default)
+    preprocess: Callable[[Image.Image], torch.Tensor]
 
     @classmethod
     def of(cls, vision) -> "ImageSpec":

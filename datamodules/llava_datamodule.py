@@ -1,8 +1,8 @@
-"""LightningDataModules for the two LLaVA training stages on LLaVA-format JSON + an image folder.
+"""The LightningDataModule for LLaVA-format JSON + an image folder, in either training stage.
 
-`AlignmentDataModule` (stage 1) uses the "plain" template: image tokens then the caption, loss on the
-caption only. `SFTDataModule` (stage 2) uses a chat template (the tokenizer's own by default, or a
-named one), multi-turn, loss on assistant turns only, text-only records allowed.
+The stage only picks the default template (`foundation.stages.STAGES`): alignment's "plain" (image tokens
+then the caption, loss on the caption only), SFT's chat template (the tokenizer's own), multi-turn, loss
+on assistant turns only, text-only records allowed. `data.template` names another.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from datamodules.packing import pack
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
 from datamodules.templates import encode, stop_token_ids
 from foundation.schema import DataConfig
+from foundation.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +46,31 @@ def init_worker(worker_id: int, rank: int) -> None:
 
 
 class LLaVADataModule(L.LightningDataModule):
-    """Shared by both stages; subclasses set the default template.
+    """LLaVA-format data for one training stage.
 
     Args:
         tokenizer: the LLM's tokenizer, with the image placeholder and a pad token (see `load_tokenizer`).
         data: the `data` group with `train_json` (and `image_folder`, `val_json`) set; every option
             is documented in foundation/schema.py `DataConfig`. `data.template=None` takes the stage's
-            `default_template`. With `data.packing`, each training batch's samples share rows of up to
-            `max_length` tokens, kept apart by position ids (datamodules/packing.py); `batch_size` still
-            counts samples and validation batches stay one sample per row.
+            `default_template` (foundation/stages.py). With `data.packing`, each training batch's samples
+            share rows of up to `max_length` tokens, kept apart by position ids (datamodules/packing.py);
+            `batch_size` still counts samples and validation batches stay one sample per row.
         image: the vision tower's input size, normalisation, preprocessing and tokens per image.
+        stage: a `STAGES` name (align | sft), the experiment's `stage`.
         seed: data order seed.
         image_token: placeholder string in the records.
     """
 
-    default_template = "chat_template"
-
-    def __init__(self, tokenizer, data: DataConfig, image: ImageSpec, *, seed: int = 0, image_token: str = "<image>"):
+    def __init__(
+        self, tokenizer, data: DataConfig, image: ImageSpec, *, stage: str, seed: int = 0, image_token: str = "<image>"
+    ):
         super().__init__()
         if data.train_json is None:
             raise ValueError("the DataModule needs data.train_json (built-in data: datamodules.builtin_data)")
         self.tokenizer = tokenizer
         self.data = data
         self.image = image
-        self.template = data.template or self.default_template
+        self.template = STAGES.get(stage).template(data.template)
         self.seed = seed
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -193,15 +195,3 @@ class LLaVADataModule(L.LightningDataModule):
             # (Lightning 2.6 keeps it in a private attribute; `_combined_loader = None` is what a reload does).
             # Other strategies restore before any loader exists, and this changes nothing.
             self.trainer.fit_loop._combined_loader = None
-
-
-class AlignmentDataModule(LLaVADataModule):
-    """Stage 1: LLaVA's "plain" template (image tokens + caption + newline, loss on the caption)."""
-
-    default_template = "plain"
-
-
-class SFTDataModule(LLaVADataModule):
-    """Stage 2: chat-formatted, multi-turn instruction data; loss on assistant turns only."""
-
-    default_template = "chat_template"

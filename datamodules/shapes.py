@@ -8,6 +8,8 @@ shape, its position (4), so chance is at most 25% on every question kind. Files 
     <root>/align.json        one caption per training image ("plain" alignment stage)
     <root>/sft_train.json    multi-turn questions per image, plus a few text-only records
     <root>/sft_val.json      held-out images, one question each (exact-match accuracy)
+
+(the names each stage reads, from `foundation.stages.STAGES`)
     <root>/tokenizer/        a word-level tokenizer trained on the texts above (tokenizers library)
 
 Everything is a function of the seed; a finished dataset is reused (marked by <root>/DONE).
@@ -23,7 +25,9 @@ import shutil
 
 from PIL import Image, ImageDraw
 
+from datamodules.templates import TEMPLATES, tokenizer_chat_template
 from foundation.schema import DataConfig
+from foundation.stages import STAGES
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -51,13 +55,10 @@ TEXT_ONLY = [
     ("What shape is a ball?", "circle"),
     ("What color is a banana?", "yellow"),
 ]
-FORMAT_VERSION = 2  # bump when rendering or records change, so old generated datasets are rebuilt
-CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# ChatML, the same format as the "chatml" template in datamodules/templates.py.
-CHATML_JINJA = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# bump when rendering, records or the tokenizer change, so old generated datasets are rebuilt
+# (3: the tokenizer's chat template is the chatml template's own Jinja form)
+FORMAT_VERSION = 3
+CHAT_TEMPLATE = "chatml"  # the built-in tokenizer's chat template and special tokens (datamodules/templates.py)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], rgb) -> None:
@@ -162,7 +163,9 @@ def generate_shapes(root: str, seed: int = 0, image_size: int = 64, num_train: i
         else:
             kind = rng.choice(list(qa))
             val.append(_record(f"val-{i}", name, [(QUESTIONS[kind], qa[kind])]))
-    for fname, records in (("align.json", align), ("sft_train.json", sft), ("sft_val.json", val)):
+    align_stage, sft_stage = STAGES.get("align"), STAGES.get("sft")
+    files = {align_stage.builtin_train: align, sft_stage.builtin_train: sft, sft_stage.builtin_val: val}
+    for fname, records in files.items():
         with open(os.path.join(root, fname), "w") as f:
             json.dump(records, f, indent=1)
     train_tokenizer(os.path.join(root, "tokenizer"), align + sft + val)
@@ -190,7 +193,8 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + CHAT_SPECIAL_TOKENS
+    chat_specials = list(TEMPLATES.get(CHAT_TEMPLATE).special_tokens)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + chat_specials
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     # Every word the generator can emit, so a small dataset still gets the full vocabulary.
@@ -211,25 +215,25 @@ def train_tokenizer(out_dir: str, records: list[dict]) -> None:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        additional_special_tokens=["<image>"] + CHAT_SPECIAL_TOKENS,
+        additional_special_tokens=["<image>"] + chat_specials,
     )
-    fast.chat_template = CHATML_JINJA
+    fast.chat_template = tokenizer_chat_template(CHAT_TEMPLATE)
     fast.save_pretrained(out_dir)
 
 
 def builtin_data(data: DataConfig, stage: str) -> DataConfig:
-    """`data` with the built-in dataset generated (once) and its files filled in for `stage`; `data`
+    """`data` with the built-in dataset generated (once) and the stage's files filled in (`STAGES`); `data`
     itself when it reads files (`data.builtin` unset). Alignment trains on the captions and holds out
     `val_fraction` of them (5% by default); SFT validates on the held-out images."""
     if data.builtin is None:
         return data
-    b = data.builtin
+    b, s = data.builtin, STAGES.get(stage)
     root = generate_shapes(b.root, seed=b.seed, image_size=b.image_size, num_train=b.num_train, num_val=b.num_val)
-    if stage == "align":
-        files = dict(train_json=f"{root}/align.json", val_json=None, val_fraction=data.val_fraction or 0.05)
+    if s.builtin_val is None:
+        files = dict(val_json=None, val_fraction=data.val_fraction or s.builtin_val_fraction)
     else:
-        files = dict(train_json=f"{root}/sft_train.json", val_json=f"{root}/sft_val.json", val_fraction=0.0)
-    return dataclasses.replace(data, image_folder=root, **files)
+        files = dict(val_json=f"{root}/{s.builtin_val}", val_fraction=0.0)
+    return dataclasses.replace(data, image_folder=root, train_json=f"{root}/{s.builtin_train}", **files)
 
 
 def builtin_tokenizer(data: DataConfig) -> str | None:

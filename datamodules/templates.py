@@ -22,6 +22,10 @@ of that point, so training sees the prompt tokens generation feeds (the referenc
 
 By default `<image>` is moved to the start of its turn and followed by "\n" (LLaVA's
 `preprocess_multimodal`); `image_first=False` keeps it where the text puts it (interleaved text).
+
+Each named template also carries its Jinja form (the same text for chat messages) and the special tokens its
+markers are: inference/export.py writes the form into an exported processor, and the built-in dataset's
+tokenizer takes chatml's form and tokens from here (`tokenizer_chat_template`).
 """
 
 from __future__ import annotations
@@ -67,33 +71,70 @@ class Template:
             with the tokenizer's Jinja template.
         stop: the text that ends an answer (one token in the tokenizer for it to stop generation), or None.
         bos: the ids start with the BOS the tokenizer adds (`tokenizer(text)`, as LLaVA tokenises).
+        jinja: the same format as a Jinja chat template over `messages` (None: none), written in terms of
+            `bos` (the BOS text to write), `s.system` (the system text), `image` (the placeholder), the
+            macros `text(m)` (a message's text) and `after(t)` (`t` with what an image needs after it);
+            inference/export.py defines them for a processor, `tokenizer_chat_template` for a tokenizer.
+        special_tokens: the markers a tokenizer must hold as single tokens for this format.
     """
 
     segments: Callable[[Messages, str | None], Segments] | None
     stop: str | None
     bos: bool = False
+    jinja: str | None = None
+    special_tokens: tuple[str, ...] = ()
 
 
 TEMPLATES = Registry("template")
 
 
-def template(name: str, stop: str | None, bos: bool = False):
-    """Register `fn` as the segments of template `name`."""
+def template(name: str, stop: str | None, bos: bool = False, jinja: str | None = None, special_tokens=()):
+    """Register `fn` as the segments of template `name` (the other arguments: `Template`'s)."""
 
     def register(fn):
-        TEMPLATES.register(name, Template(fn, stop, bos))
+        TEMPLATES.register(name, Template(fn, stop, bos, jinja, tuple(special_tokens)))
         return fn
 
     return register
 
 
-@template("plain", stop="\n", bos=True)
+# For a tokenizer's own chat template: what `Template.jinja` is written in terms of, for string contents.
+_TOKENIZER_PRELUDE = (
+    "{% set bos = '' %}{% set image = '<image>' %}{% macro text(m) %}{{ m['content'] }}{% endmacro %}"
+    "{% macro after(t) %}{{ t }}{% endmacro %}{% set s = namespace(system='') %}"
+    "{% for m in messages if m['role'] == 'system' %}{% set s.system = m['content'] %}{% endfor %}"
+)
+
+
+def tokenizer_chat_template(name: str) -> str:
+    """Template `name`'s Jinja form as a tokenizer's `chat_template` (string contents, no BOS written, the
+    system text from a `system` message), e.g. the built-in dataset's tokenizer's chatml."""
+    jinja = TEMPLATES.get(name).jinja
+    if jinja is None:
+        raise ValueError(f"template {name!r} has no Jinja form")
+    return _TOKENIZER_PRELUDE + jinja
+
+
+@template(
+    "plain",
+    stop="\n",
+    bos=True,
+    jinja="{{ bos }}{% set c = namespace(t=image) %}{% for m in messages if m['role'] == 'assistant' %}"
+    "{% set c.t = c.t + text(m) + '\\n' %}{% endfor %}{{ after(c.t) }}",
+)
 def plain(messages: Messages, system: str | None) -> Segments:
     # LLaVA replaces the human turn by the placeholder alone.
     return [(IMAGE_TOKEN, False), (messages[1][1] + "\n", True)]
 
 
-@template("llama3", stop="<|eot_id|>")
+@template(
+    "llama3",
+    stop="<|eot_id|>",
+    jinja="{{ bos }}{% if s.system %}<|start_header_id|>system<|end_header_id|>\n\n{{ s.system }}<|eot_id|>"
+    "{% endif %}{% for m in messages if m['role'] != 'system' %}"
+    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ text(m) }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+)
 def llama3(messages: Messages, system: str | None) -> Segments:
     segs = [("<|begin_of_text|>", False)]
     sys_text = LLAMA3_SYSTEM if system is None else system
@@ -105,7 +146,14 @@ def llama3(messages: Messages, system: str | None) -> Segments:
     return segs
 
 
-@template("vicuna_v1", stop="</s>", bos=True)
+@template(
+    "vicuna_v1",
+    stop="</s>",
+    bos=True,
+    jinja="{{ bos }}{{ s.system }} {% for m in messages if m['role'] != 'system' %}"
+    "{% if m['role'] == 'user' %}USER: {{ text(m) }}{% else %} ASSISTANT: {{ text(m) }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}",
+)
 def vicuna_v1(messages: Messages, system: str | None) -> Segments:
     # LLaVA's SeparatorStyle.TWO: system + " ", then "USER: q" + " " and "ASSISTANT: a" + "</s>".
     segs = [((VICUNA_SYSTEM if system is None else system) + " ", False)]
@@ -117,12 +165,23 @@ def vicuna_v1(messages: Messages, system: str | None) -> Segments:
     return segs
 
 
-@template("chatml", stop="<|im_end|>")
+# ChatML's markers: a turn is IM_START role "\n" text IM_END "\n".
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+@template(
+    "chatml",
+    stop=IM_END,
+    jinja=f"{{{{ bos }}}}{{% if s.system %}}{IM_START}system\n{{{{ s.system }}}}{IM_END}\n{{% endif %}}"
+    f"{{% for m in messages if m['role'] != 'system' %}}{IM_START}{{{{ m['role'] }}}}\n{{{{ text(m) }}}}{IM_END}\n"
+    f"{{% endfor %}}{{% if add_generation_prompt %}}{IM_START}assistant\n{{% endif %}}",
+    special_tokens=(IM_START, IM_END),
+)
 def chatml(messages: Messages, system: str | None) -> Segments:
-    segs = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)] if system else []
+    segs = [(f"{IM_START}system\n{system}{IM_END}\n", False)] if system else []
     for role, text in messages:
-        segs.append((f"<|im_start|>{role}\n", False))
-        segs.append((text + "<|im_end|>", role == "assistant"))
+        segs.append((f"{IM_START}{role}\n", False))
+        segs.append((text + IM_END, role == "assistant"))
         segs.append(("\n", False))
     return segs
 

@@ -10,7 +10,11 @@ from encoders.registry import ENCODERS, build_encoder
 from encoders.token_reducer import REDUCERS
 from encoders.wrapper import EncoderWrapper, encoder_chain, split_parts
 
+# The registry of each named config block (foundation.schema.NAMED_BLOCKS), by its kind.
+BLOCK_REGISTRIES = {registry.kind: registry for registry in (ENCODERS, REDUCERS, ENHANCERS)}
+
 __all__ = [
+    "BLOCK_REGISTRIES",
     "ENCODERS",
     "ENHANCERS",
     "REDUCERS",

@@ -9,15 +9,18 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules import DATAMODULES, ImageSpec, LLaVADataModule, builtin_data, builtin_tokenizer, load_tokenizer
+from datamodules import ImageSpec, LLaVADataModule, builtin_data, load_tokenizer
 from datamodules.templates import stop_token_ids
+from experiment.preflight import tokenizer_source
 from foundation.schema import ConfigError
+from foundation.stages import STAGES
 from lit_modules.vlm_module import VLMModule
 from model.build import build_vision, build_vlm
 
 
 def tokenizer_path(cfg: DictConfig) -> str:
-    path = cfg.model.tokenizer or cfg.model.llm.path or builtin_tokenizer(cfg.data)
+    """The tokenizer directory (`experiment.preflight.tokenizer_source`, which preflight checks)."""
+    _, path = tokenizer_source(cfg)
     if path is None:
         raise ConfigError("set 'model.tokenizer' (a tokenizer directory): the LLM comes from an inline config")
     return path
@@ -25,7 +28,7 @@ def tokenizer_path(cfg: DictConfig) -> str:
 
 def build_tokenizer(cfg: DictConfig):
     """The LLM's tokenizer with the image placeholder and a pad token (generates built-in data if needed)."""
-    if cfg.model.tokenizer is None and cfg.model.llm.path is None:
+    if tokenizer_source(cfg)[0] == "data.builtin":
         builtin_data(OmegaConf.to_object(cfg.data), cfg.stage)  # the built-in dataset ships its tokenizer
     return load_tokenizer(tokenizer_path(cfg), cfg.model.image_token)
 
@@ -36,13 +39,13 @@ def build_datamodule(cfg: DictConfig, tokenizer=None) -> LLaVADataModule:
     with torch.device("meta"):
         image = ImageSpec.of(build_vision(cfg.model))
     data = builtin_data(OmegaConf.to_object(cfg.data), cfg.stage)
-    return DATAMODULES[cfg.stage](tokenizer, data, image, seed=cfg.seed, image_token=cfg.model.image_token)
+    return LLaVADataModule(tokenizer, data, image, stage=cfg.stage, seed=cfg.seed, image_token=cfg.model.image_token)
 
 
 def build_module(cfg: DictConfig, tokenizer=None) -> VLMModule:
     """The VLMModule of `cfg`: `build_vlm` (weights from their sources) frozen for the stage."""
     tokenizer = tokenizer or build_tokenizer(cfg)
-    template = cfg.data.template or DATAMODULES[cfg.stage].default_template
+    template = STAGES.get(cfg.stage).template(cfg.data.template)
     return VLMModule(
         build_vlm(cfg.model, tokenizer),
         tokenizer,

@@ -7,9 +7,9 @@ anything is built: an unknown key, a wrong type, an unknown encoder / reducer / 
 / template name or builder option, or an unknown `lightning.Trainer` argument fails at once, naming
 the key and the valid choices.
 
-Encoder, reducer and enhancer blocks (and `model.llm.config`) are taken whole, not merged, when a
-later source sets their `name` (`model_type`): `model.encoder.name=clip_vit_l_336` swaps the encoder
-without inheriting the old one's options.
+The named blocks (foundation/schema.py `NAMED_BLOCKS`: encoder, reducer, enhancer) and `model.llm.config`
+are taken whole, not merged, when a later source sets their `name` (`model_type`):
+`model.encoder.name=clip_vit_l_336` swaps the encoder without inheriting the old one's options.
 """
 
 from __future__ import annotations
@@ -21,19 +21,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiment.validate import validate
-from foundation.schema import ConfigError, ExperimentConfig
+from foundation.schema import NAMED_BLOCKS, ConfigError, ExperimentConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = os.path.join(REPO, "experiments")
 DEFAULT_EXPERIMENT = os.path.join(EXPERIMENTS_DIR, "quickstart.yaml")
 # Blocks that name what they build, and the key that names it: a source that sets that key replaces the
 # whole block instead of merging into it, so no option of the previous encoder / LLM shape leaks in.
-NAMED_BLOCKS = {
-    "model.encoder": "name",
-    "model.reducer": "name",
-    "model.enhancer": "name",
-    "model.llm.config": "model_type",
-}
+REPLACED_WHOLE = {**{f"model.{block}": "name" for block in NAMED_BLOCKS}, "model.llm.config": "model_type"}
 
 
 def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -59,7 +54,7 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> list[tuple[str, DictCo
 
 
 def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
-    for block, key in NAMED_BLOCKS.items():
+    for block, key in REPLACED_WHOLE.items():
         new = OmegaConf.select(source, block, default=None)
         if isinstance(new, DictConfig) and key in new:
             OmegaConf.update(cfg, block, OmegaConf.to_container(new), merge=False)

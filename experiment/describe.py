@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from encoders import VisionEncoder, encoder_chain
 from experiment.assemble import build_tokenizer, tokenizer_path
+from foundation.schema import NAMED_BLOCKS
 from model.build import build_vlm
 from model.vlm import VisionLanguageModel
 
@@ -111,11 +112,10 @@ def _sources(cfg: DictConfig, text) -> dict[str, str]:
     m = cfg.model
     ckpt = m.encoder.get("checkpoint")
     projector_source = _where(m.mm_projector) if m.mm_projector else "random init"
-    sources = {"encoder": f"{m.encoder.name}: " + (_where(ckpt) if ckpt else "random init")}
-    if m.reducer is not None:
-        sources["reducer"] = f"{m.reducer.name}: random init"
-    if m.enhancer is not None:
-        sources["enhancer"] = f"{m.enhancer.name}: {projector_source}"
+    # the enhancer's weights come with the projector's (INF-LLaVA's mm_projector.bin holds both)
+    encoder_source = _where(ckpt) if ckpt else "random init"
+    weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source}
+    sources = {kind: f"{m[kind].name}: {weights[kind]}" for kind in NAMED_BLOCKS if m[kind] is not None}
     sources["projector"] = f"{m.projector}: {projector_source}"
     llm = f"{text.model_type}: " + (_where(m.llm.path) if m.llm.path else "random init (inline config)")
     if m.llm.lora is not None:

@@ -11,6 +11,7 @@ import os
 
 from omegaconf import DictConfig
 
+from datamodules.shapes import builtin_tokenizer
 from foundation.schema import ConfigError
 
 
@@ -19,6 +20,20 @@ def could_be_hub_id(path: str) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     return not path.startswith(("/", ".", "~")) and path.count("/") <= 1 and not path.endswith((".json", ".pth"))
+
+
+def tokenizer_source(cfg: DictConfig) -> tuple[str, str | None]:
+    """(the key that names the tokenizer directory, that directory): `model.tokenizer`, else the LLM's
+    `model.llm.path`, else the one the built-in dataset ships (`data.builtin`, written when the data is
+    generated); the path is None when none of them is set."""
+    m = cfg.model
+    if m.tokenizer is not None:
+        return "model.tokenizer", m.tokenizer
+    if m.llm.path is not None:
+        return "model.llm.path", m.llm.path
+    if cfg.data.builtin is not None:
+        return "data.builtin", builtin_tokenizer(cfg.data)
+    return "model.tokenizer", None
 
 
 def _need(key: str, path: str | None, kind: str, hub: bool = False) -> None:
@@ -34,8 +49,9 @@ def check_files(cfg: DictConfig) -> None:
         _need("data.train_json", d.train_json, "training data file")
         _need("data.val_json", d.val_json, "validation data file")
         _need("data.image_folder", d.image_folder, "image folder")
-    tokenizer_key = "model.tokenizer" if m.tokenizer is not None else "model.llm.path"
-    _need(tokenizer_key, m.tokenizer or m.llm.path, "tokenizer directory", hub=True)
+    tokenizer_key, tokenizer = tokenizer_source(cfg)
+    if tokenizer_key != "data.builtin":  # the built-in tokenizer is written with the data, after this check
+        _need(tokenizer_key, tokenizer, "tokenizer directory", hub=True)
     _need("model.llm.path", m.llm.path, "LLM directory", hub=True)
     _need("model.encoder.checkpoint", m.encoder.get("checkpoint"), "encoder checkpoint")
     _need("model.mm_projector", m.mm_projector, "mm_projector weights file")

@@ -14,20 +14,16 @@ import lightning
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.templates import TEMPLATES
-from encoders import ENCODERS, REDUCERS
-from encoders.enhancers import ENHANCERS
+from encoders import BLOCK_REGISTRIES
 from experiment.strategy import check_strategy
 from foundation.registry import Registry
-from foundation.schema import ConfigError
+from foundation.schema import NAMED_BLOCKS, ConfigError
+from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from lit_modules.lr_schedule import EXTENSIONS
 from metrics import METRICS
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
 from model.projector import PROJECTORS
-from model.vlm import PARTS, STAGE_TRAINABLE
-
-# Config blocks `{name: ..., **options}` and the registry that builds each.
-NAMED_BLOCK_REGISTRIES = {"model.encoder": ENCODERS, "model.reducer": REDUCERS, "model.enhancer": ENHANCERS}
 
 
 def choice(key: str, value: Any, valid: Iterable) -> None:
@@ -43,7 +39,7 @@ def registered(key: str, name: Any, registry: Registry) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and the valid choices for the first problem found."""
-    choice("stage", cfg.stage, STAGE_TRAINABLE)
+    registered("stage", cfg.stage, STAGES)
     for part in cfg.trainable or []:
         choice("trainable", part, PARTS)
     for part in cfg.optim.lr_per_part:
@@ -55,7 +51,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.template is not None:
         registered("data.template", cfg.data.template, TEMPLATES)
 
-    for block, registry in NAMED_BLOCK_REGISTRIES.items():
+    for kind in NAMED_BLOCKS:
+        block, registry = f"model.{kind}", BLOCK_REGISTRIES[kind]
         node = OmegaConf.select(cfg, block)
         if node is None:
             continue

@@ -30,6 +30,12 @@ class LLMConfig:
     quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
 
 
+# ModelConfig's blocks `{name, **options}`, in the order the vision tower is built (the encoder, then the
+# wrappers around it): `name` picks a builder from the registry of the block's kind (encoders.BLOCK_REGISTRIES,
+# by `Registry.kind`), and a config source that sets `name` replaces the block whole (experiment/config.py).
+NAMED_BLOCKS = ("encoder", "reducer", "enhancer")
+
+
 @dataclass
 class ModelConfig:
     encoder: Dict[str, Any] = field(default_factory=lambda: {"name": "clip_vit_l_336"})  # {name, **builder options}
@@ -132,7 +138,7 @@ class LoggingConfig:
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
-    stage: str = "sft"  # align | sft: picks the parts that train (model/vlm.py STAGE_TRAINABLE)
+    stage: str = "sft"  # align | sft: what trains, the default template, the built-in files (foundation/stages.py)
     trainable: Optional[List[str]] = None  # None: the stage's default parts
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -17,7 +17,7 @@ The processor's chat template renders messages as the run's training template di
 `processor(images=..., text=processor.apply_chat_template(messages, add_generation_prompt=True))` (what
 lmms-eval's `llava_hf` does; special tokens added) gives training's `prompt_ids`:
 
-- plain, vicuna_v1, llama3, chatml: the Jinja forms here (`CHAT_TEMPLATES`), with the run's `system_prompt`
+- plain, vicuna_v1, llama3, chatml: their Jinja forms (`Template.jinja` in `TEMPLATES`), with the run's `system_prompt`
   (or the template's default) unless a `system` message replaces it. Content is a string or a list of `image`
   / `text` parts; a turn with an image becomes `<image>\n` + its text stripped (LLaVA's preprocess_multimodal;
   kept in place with `image_first: false`). plain, LLaVA's pretraining format, is BOS + `<image>` + answer +
@@ -53,7 +53,7 @@ from model.lora import is_lora
 # space (see `_after_image`). `text(m)`: a message's text as training sees it: string content as it is, list
 # content as its parts in order (an image part is the placeholder); with `image_first` a turn with an image is
 # the placeholder + "\n" + the rest stripped (`move_image_first`). `s.system`: the run's system text, or the
-# text of a `system` message, which replaces it.
+# text of a `system` message, which replaces it. `Template.jinja` is written in terms of these.
 _MACROS = (
     "{% macro after(t) %}{% set pieces = t.split(image) %}{{ pieces[0] }}{% for p in pieces[1:] %}{{ image }}"
     "{% if p and p[0] != ' ' %}{{ after_image }}{% endif %}{{ p }}{% endfor %}{% endmacro %}"
@@ -67,22 +67,6 @@ _MACROS = (
     "{% set s.system = text(m) %}{% endfor %}"
 )
 
-# Jinja forms of the registered templates (datamodules/templates.py: the same text, segment by segment), after
-# the settings `chat_template` writes in front (bos, system, image, image_first, after_image) and `_MACROS`.
-CHAT_TEMPLATES = {
-    "plain": "{{ bos }}{% set c = namespace(t=image) %}{% for m in messages if m['role'] == 'assistant' %}"
-    "{% set c.t = c.t + text(m) + '\\n' %}{% endfor %}{{ after(c.t) }}",
-    "vicuna_v1": "{{ bos }}{{ s.system }} {% for m in messages if m['role'] != 'system' %}"
-    "{% if m['role'] == 'user' %}USER: {{ text(m) }}{% else %} ASSISTANT: {{ text(m) }}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}",
-    "llama3": "{{ bos }}{% if s.system %}<|start_header_id|>system<|end_header_id|>\n\n{{ s.system }}<|eot_id|>"
-    "{% endif %}{% for m in messages if m['role'] != 'system' %}"
-    "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ text(m) }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-    "chatml": "{{ bos }}{% if s.system %}<|im_start|>system\n{{ s.system }}<|im_end|>\n{% endif %}"
-    "{% for m in messages if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ text(m) }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-}
 DEFAULT_SYSTEM = {"vicuna_v1": VICUNA_SYSTEM, "llama3": LLAMA3_SYSTEM}  # what `encode` uses when system is None
 BOS_TEXT = {"llama3": "<|begin_of_text|>"}  # llama3 writes its BOS as text; `Template.bos` ones take the tokenizer's
 
@@ -129,7 +113,7 @@ def chat_template(
             raise ExportError(
                 "template 'chat_template' renders with the tokenizer's chat template; this tokenizer has none"
             )
-    elif template in CHAT_TEMPLATES:
+    elif template in TEMPLATES and TEMPLATES.get(template).jinja is not None:
         settings = {
             "bos": _bos(tokenizer, template),
             "system": DEFAULT_SYSTEM.get(template, "") if system is None else system,
@@ -139,9 +123,10 @@ def chat_template(
         }
         # JSON literals are Jinja literals (strings, true / false); the saved template shows its settings
         head = "".join(f"{{% set {k} = {json.dumps(v, ensure_ascii=False)} %}}" for k, v in settings.items())
-        chat = head + _MACROS + CHAT_TEMPLATES[template]
+        chat = head + _MACROS + TEMPLATES.get(template).jinja
     else:
-        raise ExportError(f"template {template!r} has no Jinja chat template here ({', '.join(CHAT_TEMPLATES)})")
+        forms = [name for name in TEMPLATES.names() if TEMPLATES.get(name).jinja is not None]
+        raise ExportError(f"template {template!r} has no Jinja chat template here ({', '.join(forms)})")
     _check_ids(tokenizer, chat, template, system, image_first, image_token)
     return chat
 

@@ -18,11 +18,8 @@ from torchmetrics import MeanMetric
 
 from foundation.schema import EvalConfig, OptimConfig
 from lit_modules.lr_schedule import WarmupCosine
+from metrics import METRICS
 from model.vlm import VisionLanguageModel
-
-
-def normalise_answer(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
 
 
 class VLMModule(L.LightningModule):
@@ -124,10 +121,12 @@ class VLMModule(L.LightningModule):
             self.tokenizer.pad_token_id,
         )
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
-        hits = [normalise_answer(o) == normalise_answer(a) for o, a in zip(outputs, batch["answers"])]
-        scored = ~batch["skipped"]  # a sample whose image could not be read is not scored
-        if scored.any():
-            self.val_accuracy.update(torch.tensor(hits, dtype=torch.float32)[scored].to(self.device))
+        # a sample whose image could not be read is not scored
+        scored = [(o, a) for o, a, skipped in zip(outputs, batch["answers"], batch["skipped"].tolist()) if not skipped]
+        if scored:
+            # the benchmarks' exact match (metrics/exact_match.py), so `val/exact_match` is the number they report
+            accuracy = METRICS.build("exact_match", *map(list, zip(*scored)))["accuracy"]
+            self.val_accuracy.update(torch.tensor(accuracy, device=self.device), weight=len(scored))
         return {"outputs": outputs}
 
     def on_validation_epoch_end(self) -> None:

@@ -16,10 +16,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from encoders import ENCODERS, REDUCERS, VisionEncoder
-from encoders.enhancers import ENHANCERS
+from encoders import BLOCK_REGISTRIES, VisionEncoder
 from encoders.weights import on_meta_device
-from foundation.schema import ConfigError, LLMConfig, ModelConfig
+from foundation.schema import NAMED_BLOCKS, ConfigError, LLMConfig, ModelConfig
 from model.projector import PROJECTORS
 from model.projector_weights import load_mm_projector
 from model.vlm import VisionLanguageModel
@@ -32,13 +31,15 @@ def _plain(node) -> dict | None:
 
 
 def build_vision(model: ModelConfig | DictConfig) -> VisionEncoder:
-    """The vision tower of `model`: the encoder, then the optional reducer, then the optional enhancer."""
-    enc = _plain(model.encoder)
-    vision = ENCODERS.build(enc.pop("name"), **enc)
-    for block, registry in ((model.reducer, REDUCERS), (model.enhancer, ENHANCERS)):
+    """The vision tower of `model`: the encoder, then the optional reducer, then the optional enhancer
+    (`NAMED_BLOCKS`, in that order), each built by its registry; every block after the encoder wraps the tower."""
+    vision = None
+    for kind in NAMED_BLOCKS:
+        block = getattr(model, kind)
         if block is not None:
             opts = _plain(block)
-            vision = registry.build(opts.pop("name"), vision, **opts)
+            wrapped = () if vision is None else (vision,)
+            vision = BLOCK_REGISTRIES[kind].build(opts.pop("name"), *wrapped, **opts)
     return vision
 
 

@@ -42,9 +42,7 @@ import torch
 from torch import nn
 
 from encoders import encoder_chain
-
-# Order the data flows in; a part gets gradients when it or a part before it trains.
-PART_ORDER = ("encoder", "reducer", "enhancer", "projector", "llm")
+from foundation.stages import PARTS  # the order data flows in; a part gets gradients when it or one before it trains
 
 
 def dense_flops(module: nn.Module, output: torch.Tensor) -> int:
@@ -159,7 +157,7 @@ class StepFlops:
         fwd = bwd = 0
         flowing = False
         parts = self.parts(num_images, lengths)
-        for part in PART_ORDER:
+        for part in PARTS:
             if part not in parts:
                 continue
             pf = parts[part]

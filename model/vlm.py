@@ -12,12 +12,8 @@ import torch
 from torch import nn
 
 from encoders import VisionEncoder, split_parts
+from foundation.stages import PARTS, STAGES
 from model.lora import adapter_prefix, is_lora
-
-# The parts of a VLM in the order data flows through them; a stage trains some of them.
-PARTS = ("encoder", "reducer", "enhancer", "projector", "llm")
-# Parts that train in each stage unless the YAML lists `trainable` (LLaVA-1.5 / INF-LLaVA recipes).
-STAGE_TRAINABLE = {"align": ("reducer", "enhancer", "projector"), "sft": ("reducer", "enhancer", "projector", "llm")}
 
 
 class VisionLanguageModel(nn.Module):
@@ -61,12 +57,12 @@ class VisionLanguageModel(nn.Module):
     def freeze_for(self, stage: str, trainable: list[str] | tuple[str, ...] | None = None) -> str:
         """Freeze everything but the stage's parts (or `trainable`); return the per-part parameter table.
 
-        The one place a stage becomes `requires_grad` (prismatic's `freeze_backbones(stage)`);
+        The one place a stage becomes `requires_grad` (prismatic's `freeze_backbones(stage)`, the parts from
+        `foundation.stages.STAGES`);
         `describe` calls it on the meta-device build, so its table is the training run's table.
         """
-        if stage not in STAGE_TRAINABLE:
-            raise ValueError(f"unknown stage {stage!r}; choose one of: {', '.join(STAGE_TRAINABLE)}")
-        parts = tuple(trainable) if trainable is not None else STAGE_TRAINABLE[stage]
+        default = STAGES.get(stage).trains  # an unknown stage: ValueError naming the valid ones
+        parts = tuple(trainable) if trainable is not None else default
         present = self.parts()
         why = "`trainable`" if trainable is not None else "the stage's default"
         lines = [

@@ -9,23 +9,24 @@ import shutil
 
 import pytest
 
-from datamodules import ImageSpec, SFTDataModule, generate_shapes
+from datamodules import ImageSpec, LLaVADataModule, generate_shapes
 from datamodules.llava_data import DataError
 from datamodules.sampler import GroupedSampler
 from datamodules.shapes import QUESTIONS, answers, render
 from datamodules.templates import IGNORE_INDEX
+from encoders.preprocess import ResizeCrop
 from foundation.schema import DataConfig
 
 N = 9  # image tokens per image in these tests
 
 
-IMAGE = ImageSpec(image_size=32, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, num_tokens=N)
+IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=N, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
 
 
-def make_dm(tokenizer, train_json, image_folder, **kw) -> SFTDataModule:
+def make_dm(tokenizer, train_json, image_folder, **kw) -> LLaVADataModule:
     """An SFT DataModule on `train_json`: the `data` group's defaults with `kw` on top."""
     args = dict(train_json=train_json, image_folder=image_folder, template="chatml", max_length=64, batch_size=4)
-    return SFTDataModule(tokenizer, DataConfig(**{**args, **kw}), IMAGE)
+    return LLaVADataModule(tokenizer, DataConfig(**{**args, **kw}), IMAGE, stage="sft")
 
 
 def write_records(tmp_path, records, name="data.json") -> str:

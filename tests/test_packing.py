@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datamodules import ImageSpec, SFTDataModule
+from datamodules import ImageSpec, LLaVADataModule
 from datamodules.llava_data import collate
 from datamodules.packing import first_fit, pack
 from datamodules.templates import IGNORE_INDEX
 from encoders import build_encoder
+from encoders.preprocess import ResizeCrop
 from experiment.assemble import build_datamodule, build_module
 from experiment.runner import build_trainer
 from foundation.schema import DataConfig
@@ -185,7 +186,8 @@ def test_datamodule_packs_each_sample_once(tokenizer, shapes_root, packing_json)
         batch_size=5,
         packing=True,
     )
-    dm = SFTDataModule(tokenizer, data, ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=9))
+    image = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, 9, ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
+    dm = LLaVADataModule(tokenizer, data, image, stage="sft")
     dm.setup()
     seen, rows, samples = Counter(), 0, 0
     for batch in dm.train_dataloader():

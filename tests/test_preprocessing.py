@@ -27,7 +27,7 @@ from datamodules import ImageSpec
 from encoders import REDUCERS, build_encoder
 from encoders.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from encoders.enhancers import ENHANCERS
-from encoders.preprocess import LongestSidePad, ResizeCrop
+from encoders.preprocess import LongestSidePad, ResizeCrop, default_preprocess
 from encoders.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 # rocket is 640 x 427: shortest edge to 336 gives 503 x 336, an odd crop margin (167); page is a document.
@@ -306,10 +306,12 @@ def test_transform_pickles_for_dataloader_workers(encoder):
     torch.testing.assert_close(copy(photo("chelsea")), transform(photo("chelsea")))
 
 
-def test_spec_built_by_hand_has_a_default_recipe():
-    spec = ImageSpec(image_size=32, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, num_tokens=9)
-    expected = ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3)(photo("rocket"))
-    torch.testing.assert_close(spec.transform(pad_to_square=False)(photo("rocket")), expected, atol=1e-6, rtol=0)
+def test_the_default_recipe_is_clips_resize_crop_the_one_implementation():
+    # an encoder without a recipe of its own gets CLIP's (`ResizeCrop`, checked against CLIPImageProcessor
+    # above); the data has no copy of it: a spec takes its encoder's recipe
+    assert default_preprocess(32, (0.5,) * 3, (0.5,) * 3) == ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(TypeError, match="preprocess"):
+        ImageSpec(image_size=32, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3, num_tokens=9)
 
 
 def test_preprocess_config_errors():
