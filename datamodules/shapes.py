@@ -56,8 +56,8 @@ TEXT_ONLY = [
     ("What color is a banana?", "yellow"),
 ]
 # bump when rendering, records or the tokenizer change, so old generated datasets are rebuilt
-# (3: the tokenizer's chat template is the chatml template's own Jinja form)
-FORMAT_VERSION = 3
+# (3: the tokenizer's chat template is the chatml template's own Jinja form; 4: no space before punctuation)
+FORMAT_VERSION = 4
 CHAT_TEMPLATE = "chatml"  # the built-in tokenizer's chat template and special tokens (datamodules/templates.py)
 
 
@@ -190,13 +190,16 @@ def _is_complete(root: str, spec: dict) -> bool:
 
 def train_tokenizer(out_dir: str, records: list[dict]) -> None:
     """A word-level tokenizer over the dataset's texts, saved as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     chat_specials = list(TEMPLATES.get(CHAT_TEMPLATE).special_tokens)
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"] + chat_specials
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Words joined by spaces, with no space before punctuation ("top left.", not "top left ."): decoded answers
+    # then read as the references are written, and exact match scores captions as it scores short answers.
+    tok.decoder = decoders.WordPiece(cleanup=True)
     # Every word the generator can emit, so a small dataset still gets the full vocabulary.
     vocab_text = [
         " ".join(QUESTIONS.values()),
