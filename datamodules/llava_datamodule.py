@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
+import sys
 import warnings
 from collections import Counter
 
@@ -30,7 +32,7 @@ from foundation.stages import STAGES
 log = logging.getLogger(__name__)
 
 # Mid-epoch resume is exact here: the DataModule's state_dict carries the epoch position to the sampler
-# (`GroupedSampler.skip`), which Lightning's check for resumable *DataLoaders* does not look at.
+# (`GroupedSampler.resume_at`), which Lightning's check for resumable *DataLoaders* does not look at.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
@@ -78,7 +80,7 @@ class LLaVADataModule(L.LightningDataModule):
         self.stop_ids = stop_token_ids(tokenizer, self.template)
         self.skipped: Counter = Counter()  # reason -> records dropped (logged to TensorBoard)
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
-        self._resume: tuple[int, int] | None = None  # (epoch, samples per rank) from a checkpoint
+        self._resume: tuple[int, int, int] | None = None  # (epoch, global position, its global batch): checkpoint
         self.train_set = self.val_set = None
 
     def encode(self, record: dict):
@@ -175,19 +177,37 @@ class LLaVADataModule(L.LightningDataModule):
         batch_size = self.data.val_batch_size or self.data.batch_size
         return self._loader(self.val_set, batch_size, train=False) if self.val_set else []
 
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+
     def state_dict(self) -> dict:
-        # Where this rank resumes: the epoch and the samples it already consumed in it, so a mid-epoch resume
-        # continues where it stopped and one saved after an epoch's last batch starts the next epoch whole.
+        # Where the run resumes: the epoch and the samples of its order that all ranks together consumed (each
+        # rank takes every world-th sample of each global batch), with the global batch the order was laid out
+        # in, so a resume on another world size, batch or accumulation continues at exactly that sample. One
+        # saved after an epoch's last batch starts the next epoch whole.
+        world = self._world()[0]
+        global_batch = self.data.batch_size * world
         if self.trainer is None:
-            return {"epoch": 0, "samples_in_epoch": 0}
+            return {"epoch": 0, "position": 0, "global_batch": global_batch}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress
         epoch, done = self.trainer.current_epoch, batches.current.processed
         if batches.is_last_batch and done >= self.trainer.num_training_batches:
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "samples_in_epoch": done * self.data.batch_size}
+        return {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0))
+        world, rank = self._world()
+        if "position" in state:
+            self._resume = (state["epoch"], state["position"], state["global_batch"])
+        else:  # a checkpoint from before positions were global: samples per rank, on this world size
+            self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0) * world, None)
+        saved, now = self._resume[2], self.data.batch_size * world
+        if saved not in (None, now) and rank == 0:
+            print(
+                f"resume: the global batch changed from {saved} to {now} samples ({world} x data.batch_size "
+                f"{self.data.batch_size}): epoch {self._resume[0]} goes on at its sample {self._resume[1]}",
+                file=sys.stderr,
+            )
         if self.trainer is not None:
             # FSDP and DeepSpeed restore after their setup, where configure_optimizers' estimated_stepping_batches
             # may have built the training loader and started its iterator: DataLoader workers drew their first
@@ -195,3 +215,15 @@ class LLaVADataModule(L.LightningDataModule):
             # (Lightning 2.6 keeps it in a private attribute; `_combined_loader = None` is what a reload does).
             # Other strategies restore before any loader exists, and this changes nothing.
             self.trainer.fit_loop._combined_loader = None
+
+    def batches_done(self, state: dict) -> int | None:
+        """How many of this run's per-rank batches of the epoch a checkpoint's data position stands for, when
+        it was saved with another global batch (None when the batch is the same, or unknown): the fit loop's
+        progress is rewritten to it, so the epoch ends where its data does."""
+        world = self._world()[0]
+        now = self.data.batch_size * world
+        if "position" not in state or state["global_batch"] == now or self.train_set is None:
+            return None
+        per_rank = math.ceil(len(self.train_set) / world)
+        left = math.ceil(max(0, len(self.train_set) - state["position"]) / world)
+        return math.ceil(per_rank / self.data.batch_size) - math.ceil(left / self.data.batch_size)

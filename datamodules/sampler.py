@@ -1,8 +1,11 @@
 """A deterministic, resumable, rank-aware sampler with optional modality + length grouping.
 
-Order is a pure function of (seed, epoch), so a resumed run sees the same data as an uninterrupted
-one: `resume_at(epoch, n)` drops the first n samples of that epoch (this rank's share), and only of
-that one: a checkpoint taken on an epoch's last batch resumes into the next epoch whole. Grouping follows
+Order is a pure function of (seed, epoch) and, with length grouping, of the global batch it is laid out in,
+so a resumed run sees the same data as an uninterrupted one. The position is global: `resume_at(epoch, p,
+layout)` drops the first p samples of that epoch's order as all ranks together consumed them (laid out in the
+global batch `layout` of the run that saved it), and only of that epoch: a checkpoint taken on an epoch's last
+batch resumes into the next epoch whole. The ranks and batch of the resumed run may differ from the saved one's:
+the rest of the epoch is dealt out to the new ranks, and no sample is repeated or skipped. Grouping follows
 LLaVA's `modality_length_grouped`: image and text-only samples never share a global batch, and
 within a mega-batch of 50 global batches samples are sorted by length, which cuts padding.
 Ranks take interleaved samples of each global batch, so every rank steps on comparable lengths.
@@ -85,19 +88,24 @@ class GroupedSampler(Sampler[int]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already trained on)
+        self._resume: tuple[int, int, int] | None = None  # (epoch, global position, global batch of its layout)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume_at(self, epoch: int, num_samples: int) -> None:
-        """Start epoch `epoch` `num_samples` (per rank) in, for mid-epoch resume; other epochs start at 0."""
-        self._resume = (epoch, num_samples)
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    def resume_at(self, epoch: int, position: int, layout: int | None = None) -> None:
+        """Start epoch `epoch` after the first `position` samples of its order, laid out in global batches of
+        `layout` (None: this sampler's own), for a mid-epoch resume; other epochs start at 0."""
+        self._resume = (epoch, position, layout or self.global_batch)
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.num_replicas)
 
-    def _global_order(self) -> list[int]:
+    def _global_order(self, global_batch: int) -> list[int]:
         n = len(self.lengths)
         if not self.shuffle:
             return list(range(n))
@@ -105,7 +113,6 @@ class GroupedSampler(Sampler[int]):
         perm = torch.randperm(n, generator=gen).tolist()
         if not self.group_by_length:
             return perm
-        global_batch = self.batch_size * self.num_replicas
         batches = []
         for modality in (True, False):
             idx = [i for i in perm if self.has_image[i] == modality]
@@ -120,12 +127,13 @@ class GroupedSampler(Sampler[int]):
         return [i for k in order for i in full[k]] + [i for b in ragged for i in b]
 
     def __iter__(self):
-        order = self._global_order()
-        total = len(self) * self.num_replicas
-        order += [Padding(i) for i in order[: total - len(order)]]  # every rank gets the same count
-        mine = order[self.rank :: self.num_replicas]
-        start = 0
+        order, start = self._global_order(self.global_batch), 0
         if self._resume is not None and self._resume[0] <= self.epoch:  # used once, by its epoch (or a later one)
-            start = self._resume[1] if self._resume[0] == self.epoch else 0
+            if self._resume[0] == self.epoch:
+                start = self._resume[1]
+                if self._resume[2] != self.global_batch:  # the rest of the order of the run that saved it
+                    order = self._global_order(self._resume[2])
             self._resume = None
-        return iter(mine[start:])
+        rest = order[start:]  # a position in the padding tail: nothing left of this epoch
+        rest += [Padding(i) for i in order[: -len(rest) % self.num_replicas]]  # every rank gets the same count
+        return iter(rest[self.rank :: self.num_replicas])

@@ -110,6 +110,22 @@ class LastCheckpoint(L.Callback):
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Resumed with another global batch (world size x data.batch_size): the DataModule continues at the
+        # checkpoint's global sample, and the epoch's batch count is in the new batches, so the fit loop's
+        # progress is restated in them (restore_loops reads it after the callbacks' hooks); otherwise the epoch
+        # would end early or late.
+        dm = trainer.datamodule
+        state = checkpoint.get(type(dm).__qualname__) if dm is not None else None
+        done = dm.batches_done(state) if state is not None and hasattr(dm, "batches_done") else None
+        if done is None or "loops" not in checkpoint:
+            return
+        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        shift = done - batches["current"]["ready"]
+        for counters in (batches["current"], batches["total"]):
+            for key in counters:
+                counters[key] += shift
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         batches = trainer.fit_loop.epoch_loop.batch_progress
         if not trainer.training:
