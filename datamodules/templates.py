@@ -30,6 +30,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Callable
 
+from foundation.errors import UserError
 from foundation.registry import Registry
 
 IGNORE_INDEX = -100
@@ -42,7 +43,7 @@ LLAMA3_SYSTEM = VICUNA_SYSTEM = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A conversation the template cannot encode (the caller adds file and record id)."""
 
 
