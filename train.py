@@ -6,7 +6,7 @@
 
 The command line only: the work is done by experiment.runner.run (config -> seed -> datamodule -> module ->
 logger/callbacks -> trainer -> fit). A config, data or checkpoint error that the user can fix prints
-one line and exits with status 2.
+one line and exits with status 2 (foundation.errors, shared with the tools).
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datamodules.llava_data import DataError
-from datamodules.templates import TemplateError
 from experiment.config import DEFAULT_EXPERIMENT, load_config
-from foundation.schema import ConfigError
-from lit_modules.checkpoint_io import CheckpointError
-
-USER_ERRORS = (ConfigError, DataError, TemplateError, CheckpointError, FileNotFoundError)
+from foundation.errors import run_command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,23 +32,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.experiment, args.overrides)
-        if args.describe:
-            from experiment.describe import describe
+    cfg = load_config(args.experiment, args.overrides)
+    if args.describe:
+        from experiment.describe import describe
 
-            print(describe(cfg))
-            return 0
-        from experiment.runner import run
+        print(describe(cfg))
+        return
+    from experiment.runner import run
 
-        run(cfg)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_command(main, sys.argv[1:]))  # a user-fixable error: one line `error: ...`, status 2

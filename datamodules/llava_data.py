@@ -21,11 +21,12 @@ from torch.utils.data import Dataset
 
 from datamodules.images import load_image
 from datamodules.templates import IGNORE_INDEX, Encoded, TemplateError
+from foundation.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad record or image; the message names the file and the record id."""
 
 

@@ -34,6 +34,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Callable
 
+from foundation.errors import UserError
 from foundation.registry import Registry
 
 IGNORE_INDEX = -100
@@ -46,7 +47,7 @@ LLAMA3_SYSTEM = VICUNA_SYSTEM = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A conversation the template cannot encode (the caller adds file and record id)."""
 
 

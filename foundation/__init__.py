@@ -1,1 +1,2 @@
-"""The floor: the registry type, the typed config groups and type checks. Imports nothing from the project."""
+"""The floor: the registry type, the typed config groups, type checks and the user-error types. Imports nothing
+from the project above it."""

@@ -5,8 +5,8 @@ Each group is a dataclass that the code receiving it takes whole: `ModelConfig` 
 `OptimConfig` and `EvalConfig` to `VLMModule`. A new option is one field here (with its comment)
 and its use where the group is read; nothing copies fields one by one in between.
 
-This module imports nothing from the project: names (encoders, templates, ...) are checked against
-the registries by `experiment.validate`, never the other way round.
+This module imports nothing from the project but the floor's `foundation.errors`: names (encoders, templates,
+...) are checked against the registries by `experiment.validate`, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from foundation.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config that cannot be built; the message names the key and the valid choices."""
 
 

@@ -47,6 +47,7 @@ from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGen
 from datamodules.templates import IMAGE_TOKEN, LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM, encode
 from encoders import encoder_chain
 from encoders.clip import CLIPEncoder
+from foundation.errors import UserError
 from model.lora import is_lora
 
 # `after(t)`: `t` with `after_image` written after each placeholder followed by text that does not start with a
@@ -71,7 +72,7 @@ DEFAULT_SYSTEM = {"vicuna_v1": VICUNA_SYSTEM, "llama3": LLAMA3_SYSTEM}  # what `
 BOS_TEXT = {"llama3": "<|begin_of_text|>"}  # llama3 writes its BOS as text; `Template.bos` ones take the tokenizer's
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The run's architecture or template has no transformers LLaVA equivalent, or the exported processor would
     not give training's token ids; the message says which part."""
 

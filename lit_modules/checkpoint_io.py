@@ -30,6 +30,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from foundation.errors import UserError
+
 TMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: a save in progress, or a torn one if <pid> was killed
 
 
@@ -54,7 +56,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that is refused (it would run code when unpickled) or does not fit."""
 
 

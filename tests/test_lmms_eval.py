@@ -19,6 +19,7 @@ from PIL import Image
 from datamodules.llava_data import LLaVADataset, Sample
 from experiment.assemble import build_datamodule, build_module
 from experiment.config import EXPERIMENTS_DIR
+from foundation.errors import run_command
 from inference.load import load_predictor
 from lit_modules.predictor import Predictor
 from tests.helpers import REPO, TINY_CLIP, record, shapes_docs, write_tasks
@@ -151,7 +152,7 @@ def test_a_bad_run_or_model_arg_is_one_line_naming_it(tmp_path, capsys):
         (f"run={missing},temprature=0", "error: unknown model args ['temprature']"),
         ("checkpoint=best", "error: model args need run=<run directory or checkpoint file>"),
     ]:
-        assert main(["--model_args", model_args, "--tasks", "anything"]) == 2
+        assert run_command(main, ["--model_args", model_args, "--tasks", "anything"]) == 2  # as the command runs
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1
 

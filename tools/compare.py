@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import sys
 
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from foundation.errors import run_command
 
 CURVES = ("train/loss", "val/loss", "val/exact_match")
 
@@ -121,11 +124,15 @@ def compare(paths: list[str], png: str | None = None) -> str:
     return table(columns)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories, or experiment directories (all their runs)")
     parser.add_argument("--png", help="also write the main curves to this PNG file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(compare(args.runs, args.png))
     if args.png:
         print(f"curves: {args.png}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2

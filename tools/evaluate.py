@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from omegaconf import OmegaConf
 
 from experiment.config import config_from_dict
+from foundation.errors import run_command
+from foundation.schema import ConfigError
 from inference.load import load_predictor
 from lit_modules.benchmarks import evaluate
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_dict(predictor.module.hparams["config"], args.overrides)
     sets = OmegaConf.to_object(cfg.eval).sets
     if not sets:
-        parser.error("the run's config has no eval.sets; give them as an override: eval.sets=[{name: ..., ...}]")
+        raise ConfigError("the run's config has no eval.sets; give them as an override: eval.sets=[{name: ..., ...}]")
     results = evaluate(predictor, sets, predictor.datamodule.image_token)
     for name, scores in results.items():
         for key, value in scores.items():
@@ -47,4 +50,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2

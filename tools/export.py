@@ -8,7 +8,9 @@ See inference/export.py for what can be exported and how the parts map.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from foundation.errors import run_command
 from inference.export import export_llava
 from inference.load import load_predictor
 
@@ -26,4 +28,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2

@@ -4,9 +4,10 @@
     python -m tools.lmms_eval --model_args 'run="runs/quickstart/encoder=sam_vit_b,lr=3e-4",checkpoint=best' \\
         --tasks my_task --include_path my_tasks/ --log_samples --output_path results/
 
-This repo is not pip-installed, so lmms-eval's entry points cannot find its model: the launcher registers
-`VLMLightning` as lmms-eval model `vlm_lightning`, adds `--model vlm_lightning` when no --model is given,
-and hands every argument to lmms-eval's own command line (`python -m tools.lmms_eval --help` lists them).
+lmms-eval is the `eval` extra (`pip install -e '.[eval]'`; without it this says so and exits 2). The project
+declares no lmms-eval entry point, so the launcher registers `VLMLightning` as lmms-eval model `vlm_lightning`,
+adds `--model vlm_lightning` when no --model is given, and hands every argument to lmms-eval's own command line
+(`python -m tools.lmms_eval --help` lists them).
 Model args: `run` (run directory or checkpoint file; in quotes when its name has a comma, as lmms-eval
 splits model args at commas), `checkpoint` (last | best), `max_new_tokens` (when a task sets none; default
 the run's eval.max_new_tokens), and `key=value` with a dotted key is an override of the config stored in
@@ -31,15 +32,20 @@ import sys
 import tempfile
 
 import torch
-from lmms_eval.api.instance import GenerationResult
-from lmms_eval.api.model import lmms
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from datamodules.images import to_rgb
 from datamodules.llava_data import LLaVADataset, Sample, collate
+from foundation.errors import needs_extra, run_command
+from foundation.schema import ConfigError
 from inference.load import find_checkpoint, load_predictor
 from lit_modules.predictor import PLACEHOLDER_ANSWER, Predictor
+
+# lmms-eval is the `eval` extra (pyproject.toml): without it `python -m tools.lmms_eval` says so in one line.
+with needs_extra("eval", "tools.lmms_eval", command=__name__ == "__main__"):
+    from lmms_eval.api.instance import GenerationResult
+    from lmms_eval.api.model import lmms
 
 MODEL_NAME = "vlm_lightning"  # the name lmms-eval knows this adapter by (`--model vlm_lightning`)
 MODEL_ARGS = ("run", "checkpoint", "max_new_tokens")  # plus config overrides: any key with a dot
@@ -58,11 +64,11 @@ def check_model_args(args: dict) -> None:
     names it), before lmms-eval loads any dataset."""
     unknown = [k for k in args if k not in MODEL_ARGS and "." not in k]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model args {unknown}; valid: {', '.join(MODEL_ARGS)} and config overrides (dotted keys)"
         )
     if not args.get("run"):
-        raise ValueError("model args need run=<run directory or checkpoint file>")
+        raise ConfigError("model args need run=<run directory or checkpoint file>")
     if not isinstance(args["run"], Predictor):
         find_checkpoint(unquote(str(args["run"])), args.get("checkpoint", "last"))
 
@@ -248,8 +254,8 @@ def cut_at(text: str, until: list[str]) -> str:
 
 
 def register() -> None:
-    """Make `--model vlm_lightning` known to lmms-eval's model registry (no entry point: the repo is
-    not pip-installed)."""
+    """Make `--model vlm_lightning` known to lmms-eval's model registry (the project declares no
+    lmms-eval entry point)."""
     from lmms_eval.models import MODEL_REGISTRY_V2
     from lmms_eval.models.registry_v2 import ModelManifest
 
@@ -278,11 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if _option(argv, "--model") == MODEL_NAME and _option(argv, "--config") is None and not listing:
         from lmms_eval.utils import simple_parse_args_string
 
-        try:  # a user's mistake is one line here, not a traceback after lmms-eval has loaded its tasks
-            check_model_args(simple_parse_args_string(_option(argv, "--model_args") or ""))
-        except (ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        # A user's mistake is one line (run_command) before lmms-eval loads its tasks, not a traceback after.
+        check_model_args(simple_parse_args_string(_option(argv, "--model_args") or ""))
     register()
     from lmms_eval.cli.dispatch import main as lmms_eval_main
 
@@ -292,4 +295,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from omegaconf import OmegaConf
 
+from foundation.errors import run_command
 from inference.load import load_module
-from lit_modules.checkpoint_io import read_checkpoint
+from lit_modules.checkpoint_io import CheckpointError, read_checkpoint
 from model.lora import is_lora
 
 
@@ -34,15 +36,15 @@ def merge_lora(checkpoint: str, out_dir: str) -> str:
     state = read_checkpoint(checkpoint)
     llm = module.model.llm
     if not is_lora(llm):
-        raise ValueError(f"{checkpoint}: the run has no LoRA adapters (model.llm.lora is not set)")
+        raise CheckpointError(f"{checkpoint}: the run has no LoRA adapters (model.llm.lora is not set)")
     if cfg.model.llm.path is None and any(k.startswith("model.llm.") for k in state.get("frozen_keys", [])):
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint}: the base LLM was randomly initialised (model.llm.config) and, being "
             "frozen, is not in the checkpoint; there is nothing to merge the adapters into"
         )
     if cfg.model.llm.quantization is not None:
-        raise ValueError(
-            "merging into a 4 / 8-bit base loses precision; rebuild the run with "
+        raise CheckpointError(
+            f"{checkpoint}: merging into a 4 / 8-bit base loses precision; rebuild the run with "
             "quantization=null (same adapters, bf16 / fp32 base) and merge that"
         )
     module.model.llm = llm.merge_and_unload()
@@ -61,9 +63,15 @@ def merge_lora(checkpoint: str, out_dir: str) -> str:
     return path
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a LoRA run's checkpoint (e.g. .../checkpoints/last.ckpt)")
     parser.add_argument("out_dir", help="directory for llm/, model.ckpt and config.yaml")
-    args = parser.parse_args()
-    print(f"merged model: {merge_lora(args.checkpoint, args.out_dir)}")
+    args = parser.parse_args(argv)
+    path = merge_lora(args.checkpoint, args.out_dir)
+    print(f"merged model: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
 
 from datamodules.llava_data import load_records
+from foundation.errors import run_command
 from inference.load import load_predictor
 from lit_modules.predictor import Predictor
 
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if sum(x is not None and x is not False for x in (args.question, args.data, args.chat or None)) != 1:
         parser.error("give exactly one of --question, --data, --chat")
+    for path in (args.image, args.data):  # before the model loads (seconds to minutes), not after
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     predictor = load_predictor(args.run, args.checkpoint)
     if args.question:
@@ -102,4 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))  # a user-fixable error: one line `error: ...`, status 2
