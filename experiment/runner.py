@@ -15,6 +15,7 @@ import pickle
 import sys
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -25,6 +26,7 @@ from experiment.config import save_config
 from experiment.preflight import check_files
 from experiment.run_dir import claim_run_directory, lock_run_directory, release_run_directory
 from experiment.strategy import build_strategy
+from foundation.schema import ConfigError
 from lit_modules.callbacks import (
     Benchmarks,
     BestCheckpoints,
@@ -165,6 +167,8 @@ def _build_and_fit(cfg: DictConfig, resume: str | None, run_name: str, callbacks
             save_config(cfg, trainer.logger.log_dir)  # a resume keeps the config the run started with
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)  # resuming runs no code
+    except MisconfigurationException as err:  # Lightning's word for a setting that cannot work, e.g. resuming
+        raise ConfigError(f"trainer: {err}") from None  # epoch 38 with trainer.max_epochs=1: the user's to fix
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{resume}: refused: it holds objects other than tensors and plain data ({err})"
