@@ -80,3 +80,38 @@ def test_an_explicit_resume_to_a_damaged_file_is_an_error(tmp_path):
     path = _damaged_files(tmp_path)["truncated"]
     with pytest.raises(CheckpointError, match="truncated.ckpt: damaged"):
         resolve_resume(_cfg(tmp_path, resume=path))
+
+
+@pytest.mark.slow
+def test_train_py_and_predict_with_a_damaged_last_checkpoint(shapes_root, tmp_path):
+    """Through the command lines: resume=auto skips a truncated last.ckpt for the run's best checkpoint and says
+    so; an explicit resume to it and tools.predict on it are one-line errors (status 2)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, train_cli_args
+
+    root = str(tmp_path / "runs")
+    common = ["logging.run_name=r", "trainer.max_steps=6", "trainer.max_epochs=2", "trainer.val_check_interval=3"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+
+    first = run(*train_cli_args(shapes_root, root, *common))
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = os.path.join(root, "quickstart", "r")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    _truncate(last)
+    resumed = run(*train_cli_args(shapes_root, root, *common, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("resume=auto:")]
+    assert lines[0].startswith(f"resume=auto: skipped {last}: damaged: truncated or corrupt")
+    assert lines[1].startswith(f"resume=auto: resuming from {run_dir}/checkpoints/best-step=")
+    _truncate(last)  # the resumed run wrote a new one
+    explicit = run(*train_cli_args(shapes_root, root, *common, f"resume={last}"))
+    predict = run(sys.executable, "-m", "tools.predict", run_dir, "--question", "What color are the shapes?")
+    for failed in (explicit, predict):
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+        (line,) = failed.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"error: {last}: damaged: truncated or corrupt"), failed.stderr[-3000:]
