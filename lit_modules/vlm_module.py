@@ -67,13 +67,20 @@ class VLMModule(L.LightningModule):
         self._skipped = 0
 
     # ---- steps ---------------------------------------------------------------------------------
-    def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None):
+    def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None, full_logits: bool = False):
         # Packed rows (datamodules/packing.py) carry position_ids and go without a mask: transformers
         # isolates their samples from the position resets only when no 2D attention mask is given.
+        # The loss takes the LM head on labelled positions only (model/loss.py); `full_logits` for every one.
         position_ids = batch.get("position_ids")
         mask = batch["attention_mask"] if position_ids is None else None
         return self.model(
-            batch["input_ids"], mask, batch.get("pixel_values"), batch["labels"], num_items_in_batch, position_ids
+            batch["input_ids"],
+            mask,
+            batch.get("pixel_values"),
+            batch["labels"],
+            num_items_in_batch,
+            position_ids,
+            full_logits=full_logits,
         )
 
     def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ optimizer step are left out, as in PaLM's MFU, arXiv 2204.02311 appendix B):
   triangle, so a causal model's MFU here is slightly optimistic on the attention part).
 - The LLM runs on each sample's real length (attention-mask sum: text + image tokens; with packed
   rows, each packed sample's own length, from the `position_ids` resets), summed over samples, not on
-  the padded length; the LM head is counted on every real position (transformers
-  computes logits for all positions in training).
+  the padded length. The LM head is counted where it runs: on the labelled positions only when the
+  loss takes that path (model/loss.py; once more in backward when they are more than one chunk, which
+  is recomputed there), else on every real position (transformers' own path).
 
 The vision tower's per-image FLOPs come from one forward of a 1-image batch on the meta device (a copy
 with no memory, no weights) with hooks on its Linear / Conv / attention modules, so reducers,
@@ -43,6 +44,7 @@ from torch import nn
 
 from encoders import encoder_chain
 from foundation.stages import PARTS  # the order data flows in; a part gets gradients when it or one before it trains
+from model.loss import CHUNK, labelled_only
 
 
 def dense_flops(module: nn.Module, output: torch.Tensor) -> int:
@@ -134,13 +136,19 @@ class StepFlops:
         self.image_tokens = model.vision.num_tokens
         self.projector = linear_flops_per_position(model.projector)
         self.llm = linear_flops_per_position(model.llm)
+        head = model.llm.get_output_embeddings()
+        # the head runs on the labelled positions only (model/loss.py) for most LLMs
+        self.head = (
+            next((n for n, m in model.llm.named_modules() if m is head), None) if labelled_only(model.llm) else None
+        )
         text = model.llm.config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.llm_layers, self.llm_attn_width = text.num_hidden_layers, heads * head_dim
 
-    def parts(self, num_images: int, lengths: list[int]) -> dict[str, PartFlops]:
-        """Forward FLOPs by part for `num_images` images and LLM sequences of real `lengths`."""
+    def parts(self, num_images: int, lengths: list[int], scored: int | None = None) -> dict[str, PartFlops]:
+        """Forward FLOPs by part for `num_images` images and LLM sequences of real `lengths`, `scored` of their
+        positions labelled (None: all; the LM head runs on those only, see the module docstring)."""
         parts = {
             p: PartFlops({n: f * num_images for n, f in pf.dense.items()}, pf.attention * num_images)
             for p, pf in self.vision.items()
@@ -148,15 +156,18 @@ class StepFlops:
         tokens = num_images * self.image_tokens
         parts["projector"] = PartFlops({n: f * tokens for n, f in self.projector.items()})
         attention = sum(2 * 2 * t * t * self.llm_attn_width for t in lengths) * self.llm_layers
-        parts["llm"] = PartFlops({n: f * sum(lengths) for n, f in self.llm.items()}, attention)
+        positions = {n: sum(lengths) for n in self.llm}
+        if self.head is not None and scored is not None:
+            positions[self.head] = scored + (scored if scored > CHUNK else 0)  # chunks recomputed in backward
+        parts["llm"] = PartFlops({n: f * positions[n] for n, f in self.llm.items()}, attention)
         return parts
 
-    def step_flops(self, num_images: int, lengths: list[int]) -> dict[str, int]:
+    def step_flops(self, num_images: int, lengths: list[int], scored: int | None = None) -> dict[str, int]:
         """{"forward", "backward", "total"} FLOPs of one step, backward by the rule in the module docstring."""
         roots = {"projector": self.model.projector, "llm": self.model.llm}
         fwd = bwd = 0
         flowing = False
-        parts = self.parts(num_images, lengths)
+        parts = self.parts(num_images, lengths, scored)
         for part in PARTS:
             if part not in parts:
                 continue
@@ -173,7 +184,9 @@ class StepFlops:
         """Total FLOPs of one training step on a collated batch (input_ids, attention_mask, pixel_values)."""
         pixels = batch.get("pixel_values")
         num_images = 0 if pixels is None else int(pixels.shape[0])
-        return self.step_flops(num_images, sample_lengths(batch))["total"]
+        labels = batch.get("labels")
+        scored = None if labels is None else int((labels[:, 1:] != -100).sum())
+        return self.step_flops(num_images, sample_lengths(batch), scored)["total"]
 
 
 def sample_lengths(batch: dict) -> list[int]:

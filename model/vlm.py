@@ -14,6 +14,7 @@ from torch import nn
 from encoders import VisionEncoder, split_parts
 from foundation.stages import PARTS, STAGES
 from model.lora import adapter_prefix, is_lora
+from model.loss import labelled_lm_loss, labelled_only
 
 
 class VisionLanguageModel(nn.Module):
@@ -117,8 +118,13 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        full_logits: bool = False,
     ):
         """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
+
+        With labels, the LM head runs on the labelled positions only and `logits` is None (model/loss.py);
+        `full_logits=True` (or a model whose head is more than a linear map) takes transformers' own path,
+        logits [B, T, V] for every position.
 
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
         (transformers' loss argument; VLMModule passes the global count / world size under DDP).
@@ -126,10 +132,12 @@ class VisionLanguageModel(nn.Module):
         with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
         """
         embeds = self.embed(input_ids, pixel_values)
-        extra = {"num_items_in_batch": num_items_in_batch} if num_items_in_batch is not None else {}
-        if position_ids is not None:
-            # transformers only looks for packed samples in position_ids when there is no KV cache
-            extra.update(position_ids=position_ids, use_cache=False)
+        extra = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
+        # (transformers only looks for packed samples in position_ids when there is no KV cache)
+        if labels is not None and not full_logits and labelled_only(self.llm):
+            return labelled_lm_loss(self.llm, embeds, labels, attention_mask, num_items_in_batch, **extra)
+        if num_items_in_batch is not None:
+            extra["num_items_in_batch"] = num_items_in_batch
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()

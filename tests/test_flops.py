@@ -79,7 +79,7 @@ def test_matches_flop_counter(tiny, trainable):
     tiny.requires_grad_(trainable == "all")
     tiny.projector.requires_grad_(True)
     batch = _batch(tiny, [40, 40])  # no padding: FlopCounterMode counts padded positions
-    expected = StepFlops(tiny).step_flops(2, [40, 40])
+    expected = StepFlops(tiny).step_flops(2, [40, 40], scored=int((batch["labels"][:, 1:] != -100).sum()))
     with FlopCounterMode(display=False) as fc:
         out = tiny(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
     assert expected["forward"] == pytest.approx(fc.get_total_flops(), rel=0.01)  # exact here
@@ -106,8 +106,20 @@ def test_sam_windowed_attention_matches_flop_counter():
 def test_batch_flops_uses_real_lengths(tiny):
     flops = StepFlops(tiny)
     batch = _batch(tiny, LENGTHS)
-    assert flops.batch_flops(batch) == flops.step_flops(2, LENGTHS)["total"]
-    assert flops.batch_flops(batch) < flops.step_flops(2, [40, 40])["total"]
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    assert flops.batch_flops(batch) == flops.step_flops(2, LENGTHS, scored)["total"]
+    assert flops.batch_flops(batch) < flops.step_flops(2, [40, 40], scored)["total"]
+
+
+def test_the_lm_head_counts_only_where_it_runs(tiny):
+    """The loss runs the head on the labelled positions only (model/loss.py), and the count follows it."""
+    flops, vocab = StepFlops(tiny), tiny.llm.config.vocab_size
+    everywhere, answers = flops.parts(2, LENGTHS)["llm"], flops.parts(2, LENGTHS, scored=7)["llm"]
+    assert flops.head == "lm_head" and answers.dense["lm_head"] == 2 * 32 * vocab * 7
+    assert everywhere.dense["lm_head"] == 2 * 32 * vocab * sum(LENGTHS)
+    assert {k: v for k, v in answers.dense.items() if k != "lm_head"} == {
+        k: v for k, v in everywhere.dense.items() if k != "lm_head"
+    }
 
 
 def test_packed_rows_count_each_sample():

@@ -138,8 +138,8 @@ def test_packed_equals_unpacked(attn):
     packed = pack(ITEMS, MAX_LENGTH, PAD)
     unpacked = collate(ITEMS, PAD)
     with torch.no_grad():
-        out_p = module(packed)  # VLMModule.forward: position_ids in, no attention mask
-        out_u = module(unpacked)
+        out_p = module(packed, full_logits=True)  # VLMModule.forward: position_ids in, no attention mask
+        out_u = module(unpacked, full_logits=True)
         leaky = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"])  # plain causal
     row = {name: b for b, name in enumerate(unpacked["ids"])}
     differs = False
