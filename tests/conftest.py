@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny built-in dataset, its tokenizer, and the quickstart config shrunk to seconds
 real tokenizers (LLaMA/Vicuna, Llama-3, Qwen2; tests/fixtures/build_tokenizers.py), and the quickstart
-config shrunk to seconds (helpers that are not fixtures live in tests/helpers.py)."""
+config shrunk to seconds (what tests share that is not a fixture lives in tests/support/, one module per topic)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def tokenizer(shapes_root):
 @pytest.fixture
 def tiny_cfg(shapes_root, tmp_path):
     from experiment.config import load_config
-    from tests.helpers import tiny_overrides
+    from tests.support.quickstart import tiny_overrides
 
     def make(*extra: str, path: str | None = None):
         return load_config(path, tiny_overrides(shapes_root, str(tmp_path / "runs")) + list(extra))

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.paths import REPO
 
 PACKAGES = ("core", "encoders", "lit_modules", "datamodules", "tools", "train", "tests", "bench")
 # Modules the library packages must not reach: the experiment layer sits on top of them.
@@ -58,11 +58,11 @@ def test_library_packages_do_not_import_the_layer_above(package):
             assert not bad, f"{module} imports {bad}"
 
 
-def test_nothing_imports_train_py_and_tests_share_only_helpers():
+def test_nothing_imports_train_py_and_tests_share_only_support():
     for module, imports in SOURCES.items():
         assert not any(_reaches(i, "train") for i in imports), module
         if module.startswith("tests."):
-            others = {i for i in imports if i.startswith("tests.") and not _reaches(i, "tests.helpers")}
+            others = {i for i in imports if i.startswith("tests.") and not _reaches(i, "tests.support")}
             assert not others, f"{module} imports test modules {others}"
 
 

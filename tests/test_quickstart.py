@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, scalars
+from tests.support.events import scalars
+from tests.support.paths import REPO
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_fsdp_wraps_the_llm_layers_and_vision_blocks(tiny_cfg):
 
 def test_every_registered_encoder_has_block_classes_holding_most_weights():
     from encoders import build_encoder
-    from tests.helpers import FULL_SIZE
+    from tests.support.encoder_sizes import FULL_SIZE
 
     for name, (build_name, kwargs, _) in FULL_SIZE.items():
         with torch.device("meta"):
@@ -155,7 +155,7 @@ def test_fsdp_clips_gradients_by_their_norm_over_all_shards():
 
 # ---- atomic checkpoints --------------------------------------------------------------------------
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatch):
-    from tests.helpers import fit
+    from tests.support.runs import fit
 
     trainer = fit(tiny_cfg("trainer.max_steps=2", "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=2"))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -187,7 +187,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatc
 # ---- DDP on CPU ----------------------------------------------------------------------------------
 def _start(tmp_path, shapes_root, version: str, *extra: str):
     """train.py as a user launches it, for 16 steps (three epochs of 7 steps at a global batch of 8)."""
-    from tests.helpers import start_training, train_cli_args
+    from tests.support.processes import start_training, train_cli_args
 
     args = train_cli_args(
         shapes_root,
@@ -207,7 +207,7 @@ def _start(tmp_path, shapes_root, version: str, *extra: str):
 
 def _losses(tmp_path, proc, version: str) -> dict[int, float]:
     """The run's TensorBoard train/loss {step: value}, once it has ended."""
-    from tests.helpers import scalars
+    from tests.support.events import scalars
 
     out = proc.communicate(timeout=500)[0]
     assert proc.returncode == 0, out[-4000:]
@@ -237,7 +237,7 @@ def test_sigterm_under_ddp_saves_and_resumes_exactly(shapes_root, tmp_path):
     """SLURM pre-emption of a 2-process DDP job: every process gets SIGTERM. Rank 0's flag reaches all ranks
     (Lightning broadcasts it each step), they stop after the same step, last.ckpt is saved, the job exits 143,
     and `resume=auto` (DDP again) logs the losses of an uninterrupted one-process run."""
-    from tests.helpers import kill_after_checkpoint
+    from tests.support.processes import kill_after_checkpoint
 
     ddp = ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4")
     one = _start(tmp_path, shapes_root, "one", "trainer.devices=1", "data.batch_size=8")

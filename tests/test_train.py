@@ -17,7 +17,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from experiment.assemble import build_module
 from experiment.runner import resolve_resume
 from inference.load import load_module
-from tests.helpers import REPO, LossRecorder, fit, scalars, tiny_overrides
+from tests.support.events import scalars
+from tests.support.paths import REPO
+from tests.support.quickstart import tiny_overrides
+from tests.support.runs import LossRecorder, fit
 
 
 class Crash(L.Callback):
