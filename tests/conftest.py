@@ -12,7 +12,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread, here and in the processes the tests start (train.py, tools; test_quickstart excepted): the test
+# models are tiny, so splitting an op over threads costs more than it saves, and on a shared CPU a second thread
+# waits for a busy core (a 4-step tiny fit took 1.4 s with one thread, 11.7 s with two on a loaded machine).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
