@@ -19,6 +19,7 @@ from experiment.runner import resolve_resume
 from inference.load import load_module
 from tests.support.events import scalars
 from tests.support.paths import REPO
+from tests.support.processes import run_in_one_process
 from tests.support.quickstart import tiny_overrides
 from tests.support.runs import LossRecorder, fit
 
@@ -195,21 +196,21 @@ def test_cli_overrides(shapes_root, tmp_path):
     assert len(scalars(os.path.dirname(config), "train/loss")) == 1
 
 
-@pytest.mark.slow  # five processes, each importing torch, transformers and lightning
+@pytest.mark.slow  # six train.py commands, run in one process that imports torch, transformers and lightning once
 def test_cli_errors_are_one_line_with_status_2(shapes_root, tmp_path):
-    for args, needle in (
+    errors = (
         (["optim.lrr=1"], "unknown key 'optim.lrr'"),
         (["experiments/nowhere.yaml"], "config file not found"),
         (["model.encoder.name=resnet"], "'model.encoder.name' = 'resnet' is not valid"),
         (["init_from=nowhere.ckpt", *tiny_overrides(shapes_root, str(tmp_path / "runs"))], "checkpoint not found"),
-    ):
-        proc = train_cli(*args)
+    )
+    describe = ["experiments/quickstart.yaml", "--describe", "model.llm.lora={r: 4}"]  # the flag anywhere
+    *procs, help_text, described = run_in_one_process("train.py", [args for args, _ in errors] + [["--help"], describe])
+    for (args, needle), proc in zip(errors, procs):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and needle in proc.stderr, (args, proc.stderr[-2000:])
         assert proc.stderr.splitlines()[-1].startswith("error: "), proc.stderr
-    help_text = train_cli("--help")
     assert help_text.returncode == 0 and "--describe" in help_text.stdout
-    described = train_cli("experiments/quickstart.yaml", "--describe", "model.llm.lora={r: 4}")  # flag anywhere
     assert described.returncode == 0, described.stderr[-2000:]
     assert "llm_base" in described.stdout and not os.path.exists(tmp_path / "runs")
 
