@@ -21,7 +21,7 @@ from tests.support.events import scalars
 from tests.support.paths import REPO
 from tests.support.processes import run_in_one_process
 from tests.support.quickstart import tiny_overrides
-from tests.support.runs import LossRecorder, fit
+from tests.support.runs import LossRecorder, fit, run_script_here
 
 
 class Crash(L.Callback):
@@ -173,11 +173,14 @@ def test_init_from_on_the_command_line_and_load_module(tiny_cfg, shapes_root, tm
     assert torch.equal(loaded.model.projector[0].weight, state["state_dict"]["model.projector.0.weight"])
     assert loaded.model.projector[0].weight.requires_grad and not loaded.model.llm.lm_head.weight.requires_grad
 
-    # SFT from the alignment weights through the CLI; lr 0 keeps them, so the SFT checkpoint holds them.
+    # SFT from the alignment weights through the CLI (train.py's own code, in this process: test_cli_overrides
+    # runs it as a new process); lr 0 keeps them, so the SFT checkpoint holds them.
     runs = str(tmp_path / "runs")
     sft = [f"init_from={ckpt}", "trainer.max_steps=1", "trainer.limit_val_batches=0", "logging.run_name=sft"]
-    proc = train_cli(*tiny_overrides(shapes_root, runs), *sft, "optim.lr=0", "checkpoint.every_n_train_steps=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = run_script_here(
+        "train.py", *tiny_overrides(shapes_root, runs), *sft, "optim.lr=0", "checkpoint.every_n_train_steps=1"
+    )
+    assert status == 0
     after = torch.load(os.path.join(runs, "quickstart", "sft", "checkpoints", "last.ckpt"), weights_only=True)
     for key in ("model.projector.0.weight", "model.projector.2.bias"):
         assert torch.equal(after["state_dict"][key], state["state_dict"][key]), key

@@ -20,3 +20,22 @@ class LossRecorder(L.Callback):
 def fit(cfg, *callbacks: L.Callback) -> L.Trainer:
     """`experiment.runner.run` (what train.py does) with extra callbacks."""
     return run(cfg, *callbacks)
+
+
+def run_script_here(script: str, *args: str) -> int:
+    """`python script args...` (a path under the checkout) run in this process as `__main__`, sys.argv and all:
+    the command line's own code without a new interpreter importing torch again; its exit status."""
+    import os
+    import runpy
+    import sys
+
+    from tests.support.paths import REPO
+
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    except SystemExit as exit:
+        return exit.code or 0
+    finally:
+        sys.argv = argv
+    return 0
