@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny built-in dataset, its tokenizer, and the quickstart config shrunk to seconds
 real tokenizers (LLaMA/Vicuna, Llama-3, Qwen2; tests/fixtures/build_tokenizers.py), and the quickstart
-config shrunk to seconds (helpers that are not fixtures live in tests/helpers.py)."""
+config shrunk to seconds (what tests share that is not a fixture lives in tests/support/, one module per topic)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread, here and in the processes the tests start (train.py, tools; test_quickstart excepted): the test
+# models are tiny, so splitting an op over threads costs more than it saves, and on a shared CPU a second thread
+# waits for a busy core (a 4-step tiny fit took 1.4 s with one thread, 11.7 s with two on a loaded machine).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +38,7 @@ def tokenizer(shapes_root):
 @pytest.fixture
 def tiny_cfg(shapes_root, tmp_path):
     from experiment.config import load_config
-    from tests.helpers import tiny_overrides
+    from tests.support.quickstart import tiny_overrides
 
     def make(*extra: str, path: str | None = None):
         return load_config(path, tiny_overrides(shapes_root, str(tmp_path / "runs")) + list(extra))

@@ -1,37 +1,62 @@
-"""tools/compare.py on two real (tiny) runs: settings and metrics side by side, and the curves as a PNG."""
+"""tools/compare.py on two run directories written here as train.py writes them (the resolved config.yaml and
+TensorBoard event files, no training): settings and metrics side by side, and the curves as a PNG."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
-from tests.helpers import fit, scalars
+from experiment.config import save_config
 from tools.compare import compare
+
+# run -> tag -> [(step, value)]; values exact in float32, so the table's 4 significant digits are known
+CURVES = {
+    "a": {
+        "train/loss": [(0, 4.0), (1, 3.5), (2, 3.25), (3, 3.0)],
+        "val/loss": [(1, 3.5), (3, 2.75)],
+        "val/exact_match": [(1, 0.25), (3, 0.5)],
+    },
+    "b": {
+        "train/loss": [(0, 4.0), (1, 3.75), (2, 3.5), (3, 3.625)],
+        "val/loss": [(1, 3.25), (3, 3.375)],  # best before last
+        "val/exact_match": [(1, 0.375), (3, 0.125)],  # best before last: max, not min
+    },
+}
+
+
+def write_run(run_dir: str, cfg, curves: dict[str, list[tuple[int, float]]]) -> None:
+    save_config(cfg, run_dir)  # what train.py writes beside its event files
+    with SummaryWriter(run_dir) as writer:
+        for tag, points in curves.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
 
 
 def test_two_runs_side_by_side(tiny_cfg, tmp_path):
-    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1")
-    a = fit(tiny_cfg(*common, "optim.lr=0.01", "logging.run_name=a")).logger.log_dir
-    b = fit(tiny_cfg(*common, "optim.lr=0.001", "logging.run_name=b")).logger.log_dir
+    experiment = tmp_path / "runs" / "quickstart"
+    write_run(str(experiment / "a"), tiny_cfg("optim.lr=0.01", "logging.run_name=a"), CURVES["a"])
+    write_run(str(experiment / "b"), tiny_cfg("optim.lr=0.001", "logging.run_name=b"), CURVES["b"])
     png = str(tmp_path / "curves.png")
-    text = compare([os.path.dirname(a)], png)  # the experiment folder: both runs
-    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:]}
-    assert text.splitlines()[0].split() == ["a", "b"]
-    assert lines["lr"] == ["0.01", "0.001"]
-    assert lines["encoder"] == ["timm:vit_tiny_patch16_224"] * 2
-    for run, column in ((a, 0), (b, 1)):
-        val = list(scalars(run, "val/loss").values())
-        assert float(lines_value(text, "val/loss last", column)) == pytest.approx(val[-1], rel=1e-3)
-        assert float(lines_value(text, "val/loss best", column)) == pytest.approx(min(val), rel=1e-3)
+    text = compare([str(experiment)], png)  # the experiment folder: both runs
+    header, *lines = text.splitlines()
+    first = len(header) - len(header.lstrip())  # the row names' column
+    rows = {line[:first].strip(): line[first:].split() for line in lines}
+    assert header.split() == ["a", "b"]
+    assert rows["lr"] == ["0.01", "0.001"]
+    assert rows["encoder"] == ["timm:vit_tiny_patch16_224"] * 2
+    assert rows["llm"] == ["llama", "(inline", "config)"] * 2
+    assert rows["val/loss last"] == ["2.75", "3.375"]
+    assert rows["val/loss best"] == ["2.75", "3.25"]  # min for a loss
+    assert rows["val/exact_match last"] == ["0.5", "0.125"]
+    assert rows["val/exact_match best"] == ["0.5", "0.375"]  # max otherwise
+    assert rows["train/loss last"] == ["3", "3.625"]
+    assert rows["last logged step"] == ["3", "3"]
+    assert "train/loss best" not in rows
+    # one run directory alone gives the same column
+    assert compare([str(experiment / "b")]).splitlines()[0].split() == ["b"]
     with Image.open(png) as image:
         assert image.size[0] > 600 and image.size[1] > 200
-
-
-def lines_value(text: str, row: str, column: int) -> str:
-    line = next(line for line in text.splitlines() if line.startswith(row + " "))
-    return line[len(row) :].split()[column]
 
 
 def test_not_a_run_directory_is_named(tmp_path):

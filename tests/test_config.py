@@ -11,7 +11,7 @@ from encoders import ENCODERS, REDUCERS
 from encoders.enhancers import ENHANCERS
 from experiment.config import EXPERIMENTS_DIR, ConfigError, load_config
 from model.projector import PROJECTORS
-from tests.helpers import experiment_files
+from tests.support.experiments import experiment_files
 
 
 def write(tmp_path, name: str, text: str) -> str:

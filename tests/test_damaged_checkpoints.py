@@ -89,7 +89,8 @@ def test_train_py_and_predict_with_a_damaged_last_checkpoint(shapes_root, tmp_pa
     import subprocess
     import sys
 
-    from tests.helpers import REPO, train_cli_args
+    from tests.support.paths import REPO
+    from tests.support.processes import train_cli_args
 
     root = str(tmp_path / "runs")
     common = ["logging.run_name=r", "trainer.max_steps=6", "trainer.max_epochs=2", "trainer.val_check_interval=3"]

@@ -14,7 +14,8 @@ from encoders import build_encoder
 from experiment.assemble import build_module
 from experiment.config import EXPERIMENTS_DIR, load_config
 from experiment.describe import build_on_meta, describe
-from tests.helpers import TINY_LLAMA, experiment_files
+from tests.support.experiments import experiment_files
+from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA_YAML, llama_yaml
 
 # Llama-2-7B / Vicuna-7B-v1.5 shape. Every key is given: an override merges into the quickstart's inline
 # config, so e.g. its num_key_value_heads: 4 would otherwise stay.
@@ -117,7 +118,7 @@ def buildable(shapes_root: str) -> list[str]:
         "model.mm_projector=null",
         "model.llm.path=null",
         "model.llm.quantization=null",
-        f"model.llm.config={TINY_LLAMA}",
+        f"model.llm.config={TINY_LLAMA_YAML}",
         f"model.tokenizer={shapes_root}/tokenizer",
     ]
 
@@ -156,7 +157,7 @@ def test_describe_counts_lora_as_training_does(tiny_cfg, shapes_root, lora):
 
 
 def test_describe_grows_the_vocabulary_like_training(tiny_cfg, shapes_root, tokenizer):
-    small = TINY_LLAMA.replace("vocab_size: 64", "vocab_size: 16")
+    small = llama_yaml(vocab_size=16)
     cfg = tiny_cfg(f"model.llm.config={small}")
     module = build_module(cfg)
     assert module.model.llm.get_input_embeddings().num_embeddings == len(tokenizer) > 16
@@ -186,10 +187,7 @@ def test_missing_llm_config_says_how_to_pass_one(tmp_path):
 
 
 def test_clip_family_reads_its_architecture_from_the_checkpoint(tmp_path):
-    tiny = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    CLIPVisionModel(CLIPVisionConfig(**tiny)).save_pretrained(tmp_path)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(tmp_path)
     cfg = load_config(None, [f"model.encoder={{name: clip, checkpoint: {tmp_path}}}"])
     model, _ = build_on_meta(cfg)
     real = build_encoder("clip", checkpoint=str(tmp_path))

@@ -25,6 +25,7 @@ from encoders.inf_llava import (
     load_inf_llava,
 )
 from encoders.wrapper import split_parts
+from tests.support.tiny_models import TINY_VIT, TINY_VIT_IMAGE_SIZE
 
 C = 32  # fake encoder width: divisible by 16 (DEM ffn) and by 8 heads
 
@@ -406,14 +407,14 @@ def test_wraps_a_timm_vit() -> None:
     """A real ViT from the registry: fast == reference with the same weights."""
     encoders = pytest.importorskip("encoders")
     torch.manual_seed(0)
-    inner = encoders.build_encoder("timm:vit_tiny_patch16_224", image_size=32, model_kwargs=dict(depth=2))
+    inner = encoders.build_encoder("timm:vit_tiny_patch16_224", image_size=TINY_VIT_IMAGE_SIZE, model_kwargs=TINY_VIT)
     module = DualPerspective(inner, n=3).eval()
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         fast = module(x)
         module.mode = "reference"
         ref = module(x)
-    assert fast.shape == (1, 4, 192)
+    assert fast.shape == (1, inner.num_tokens, TINY_VIT["embed_dim"])
     assert rel_err(fast, ref) < 1e-5
 
 

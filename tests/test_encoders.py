@@ -22,14 +22,11 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from encoders import ENCODERS, EncoderWrapper, VisionEncoder, build_encoder, encoder_chain, split_parts
 from encoders.weights import on_meta_device
-from tests.helpers import FULL_SIZE
+from tests.support.encoder_sizes import FULL_SIZE
+from tests.support.tiny_models import TINY_CLIP, TINY_VIT, TINY_VIT_IMAGE_SIZE
 
 REGISTERED = ENCODERS.names()
 
-TINY_CLIP = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
-)
-TINY_TIMM_KWARGS = dict(patch_size=8, depth=3, embed_dim=32, num_heads=2)
 
 # registry name -> (name to build, keyword arguments): small enough for a CPU forward + backward in about
 # a second. The CLIP-L variants keep their real embeddings and width but only the first of their 24 layers
@@ -41,7 +38,7 @@ TINY = {
     "clip_vit_l_224": ("clip_vit_l_224", {"select_layer": 1}),
     "clip_vit_l_336": ("clip_vit_l_336", {"select_layer": 1}),
     "sam_vit_b": ("sam_vit_b", {"image_size": 64}),
-    "timm:": ("timm:vit_tiny_patch16_224", {"image_size": 32, "model_kwargs": TINY_TIMM_KWARGS}),
+    "timm:": ("timm:vit_tiny_patch16_224", {"image_size": TINY_VIT_IMAGE_SIZE, "model_kwargs": TINY_VIT}),
 }
 # built on the meta device, then materialised: a random 300M-parameter init takes ~5 s, the pruned tower 0.2 s
 FROM_META = {"clip_vit_l_224", "clip_vit_l_336"}
@@ -350,7 +347,7 @@ def test_clip_mismatched_keys_are_listed(clip_dir, tmp_path):
 def timm_file(tmp_path_factory):
     """A tiny timm ViT's weights as timm saves them (classifier head included) and the unpruned model."""
     torch.manual_seed(0)
-    reference = timm.create_model("vit_tiny_patch16_224", img_size=32, **TINY_TIMM_KWARGS).eval()
+    reference = timm.create_model("vit_tiny_patch16_224", img_size=TINY_VIT_IMAGE_SIZE, **TINY_VIT).eval()
     assert reference.num_classes == 1000
     path = tmp_path_factory.mktemp("timm") / "vit_tiny.pth"
     torch.save(reference.state_dict(), path)
@@ -363,11 +360,11 @@ def test_timm_select_layer_picks_that_block(timm_file, select_layer):
     encoder = build_encoder(
         "timm:vit_tiny_patch16_224",
         checkpoint=path,
-        image_size=32,
+        image_size=TINY_VIT_IMAGE_SIZE,
         select_layer=select_layer,
-        model_kwargs=TINY_TIMM_KWARGS,
+        model_kwargs=TINY_VIT,
     ).eval()
-    block = select_layer % TINY_TIMM_KWARGS["depth"]
+    block = select_layer % TINY_VIT["depth"]
     assert len(encoder.model.blocks) == block + 1  # later blocks pruned
     x = pixels(encoder)
     with torch.no_grad():
@@ -387,7 +384,9 @@ def test_timm_mismatched_keys_are_listed(timm_file, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     with pytest.raises(ValueError) as err:
-        build_encoder("timm:vit_tiny_patch16_224", checkpoint=str(bad), image_size=32, model_kwargs=TINY_TIMM_KWARGS)
+        build_encoder(
+            "timm:vit_tiny_patch16_224", checkpoint=str(bad), image_size=TINY_VIT_IMAGE_SIZE, model_kwargs=TINY_VIT
+        )
     msg = str(err.value)
     assert str(bad) in msg
     assert "missing keys (1): blocks.0.mlp.fc1.weight" in msg

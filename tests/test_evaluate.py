@@ -10,7 +10,7 @@ import pytest
 
 from experiment.config import ConfigError
 from experiment.runner import run
-from tests.helpers import scalars
+from tests.support.events import scalars
 from tools.evaluate import main as evaluate_main
 
 

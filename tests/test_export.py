@@ -21,7 +21,9 @@ from experiment.assemble import build_module
 from experiment.config import load_config
 from inference.export import ExportError, chat_template, export_llava
 from inference.load import load_predictor
-from tests.helpers import TINY_CLIP, fit, tiny_overrides
+from tests.support.quickstart import tiny_overrides
+from tests.support.runs import fit
+from tests.support.tiny_models import TINY_CLIP_ENCODER
 
 
 @pytest.fixture(scope="module", params=["chatml", "vicuna_v1"])
@@ -29,7 +31,12 @@ def exported(shapes_root, tmp_path_factory, request):
     """A tiny run under a template, exported and loaded back (the built-in tokenizer adds no BOS: the exported
     vicuna_v1 template writes `<s>` itself)."""
     runs = str(tmp_path_factory.mktemp("runs"))
-    overrides = [TINY_CLIP, "trainer.max_steps=2", "trainer.limit_val_batches=0", f"data.template={request.param}"]
+    overrides = [
+        TINY_CLIP_ENCODER,
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        f"data.template={request.param}",
+    ]
     cfg = load_config(None, tiny_overrides(shapes_root, runs) + overrides)
     predictor = load_predictor(fit(cfg).logger.log_dir)
     out = export_llava(predictor.module, predictor.datamodule.template, str(tmp_path_factory.mktemp("export")))
@@ -99,13 +106,13 @@ def test_predict_takes_an_export_and_answers_as_the_run(exported, shapes_root, t
     ],
 )
 def test_what_cannot_be_exported_is_named(tiny_cfg, tmp_path, override, needle):
-    cfg = tiny_cfg(*([TINY_CLIP, override] if override else []))
+    cfg = tiny_cfg(*([TINY_CLIP_ENCODER, override] if override else []))
     with pytest.raises(ExportError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         export_llava(build_module(cfg), "chatml", str(tmp_path))
 
 
 def test_a_template_without_a_jinja_form_is_refused(tiny_cfg, tmp_path):
-    module = build_module(tiny_cfg(TINY_CLIP))
+    module = build_module(tiny_cfg(TINY_CLIP_ENCODER))
     TEMPLATES.register("unexported", Template(lambda messages, system: [], None))
     try:
         with pytest.raises(ExportError, match="template 'unexported' has no Jinja chat template here"):

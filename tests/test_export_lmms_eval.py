@@ -26,7 +26,10 @@ from experiment.config import load_config
 from inference.export import export_llava
 from inference.load import load_predictor
 from lit_modules.predictor import PLACEHOLDER_ANSWER
-from tests.helpers import TINY_CLIP, fit, record, shapes_docs, tiny_overrides, write_tasks
+from tests.support.lmms_tasks import record, shapes_docs, write_tasks
+from tests.support.quickstart import tiny_overrides
+from tests.support.runs import fit
+from tests.support.tiny_models import TINY_CLIP_ENCODER
 
 MAX_NEW_TOKENS = 4  # the task's, written by write_tasks (with until ["\n\n"])
 # device_map: llava_hf's default "" fails in transformers' from_pretrained (test_llava_hf_needs_a_device_map)
@@ -44,7 +47,7 @@ def exports(shapes_root, tmp_path_factory):
     def get(template: str):
         if template not in built:
             runs = str(tmp_path_factory.mktemp("runs"))
-            overrides = [TINY_CLIP, f"trainer.max_steps={STEPS}", "trainer.max_epochs=100",
+            overrides = [TINY_CLIP_ENCODER, f"trainer.max_steps={STEPS}", "trainer.max_epochs=100",
                          "trainer.limit_val_batches=0", f"data.template={template}"]  # fmt: skip
             cfg = load_config(None, tiny_overrides(shapes_root, runs) + overrides)
             predictor = load_predictor(fit(cfg).logger.log_dir)
@@ -111,7 +114,7 @@ def test_llava_hf_logs_the_exported_runs_answers(exports, shapes_root, tmp_path,
 def test_llava_hf_needs_a_device_map(tiny_cfg, tmp_path):
     """llava_hf's default `device_map=""` is refused by transformers' from_pretrained: the README's command
     gives one (`device_map=cuda:0`, or `cpu`)."""
-    out = export_llava(build_module(tiny_cfg(TINY_CLIP)), "chatml", str(tmp_path / "export"))
+    out = export_llava(build_module(tiny_cfg(TINY_CLIP_ENCODER)), "chatml", str(tmp_path / "export"))
     for force_simple in (False, True):
         with pytest.raises(ValueError, match="device"):
             get_model("llava_hf", force_simple)(pretrained=out, device="cpu", dtype="float32")

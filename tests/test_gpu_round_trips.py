@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.slow  # six train.py runs

@@ -10,7 +10,7 @@ import torch
 from encoders.inf_llava import DualPerspective
 from experiment.assemble import build_datamodule, build_module
 from experiment.config import EXPERIMENTS_DIR
-from tests.helpers import fit
+from tests.support.runs import fit
 
 INF_QUICKSTART = os.path.join(EXPERIMENTS_DIR, "inf_llava", "quickstart.yaml")
 

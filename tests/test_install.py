@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 
-from tests.helpers import REPO
+from tests.support.paths import REPO
 
 with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
     PROJECT = tomllib.load(f)

@@ -22,13 +22,15 @@ from experiment.config import EXPERIMENTS_DIR
 from foundation.errors import run_command
 from inference.load import load_predictor
 from lit_modules.predictor import Predictor
-from tests.helpers import REPO, TINY_CLIP, record, shapes_docs, write_tasks
+from tests.support.lmms_tasks import record, shapes_docs, write_tasks
+from tests.support.paths import REPO
+from tests.support.tiny_models import TINY_CLIP_ENCODER
 from tools.lmms_eval import VLMLightning, cut_at, main
 
 # name -> (overrides of the shrunk quickstart, experiment file): one of each kind of vision tower
 ENCODERS = {
     "timm": ((), None),  # the quickstart's ViT
-    "clip": ((TINY_CLIP,), None),
+    "clip": ((TINY_CLIP_ENCODER,), None),
     "inf_llava": ((), os.path.join(EXPERIMENTS_DIR, "inf_llava", "quickstart.yaml")),  # 3 x 3 crops, DEM
     # 89.7M parameters, ~20 GFLOP an image even at 32 px (its windowed blocks pad 2 x 2 tokens to 14 x 14):
     # the longest of the four, ~3 s

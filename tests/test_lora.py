@@ -54,7 +54,7 @@ def _optimizer_groups(module):
 
 
 def test_lora_round_trip_save_merge_load_gives_the_same_logits(tiny_cfg, base_llm, tmp_path):
-    from tests.helpers import fit
+    from tests.support.runs import fit
 
     trainer = fit(
         lora_cfg(
@@ -101,7 +101,7 @@ def test_lora_round_trip_save_merge_load_gives_the_same_logits(tiny_cfg, base_ll
 
 
 def test_merge_refuses_a_random_init_base(tiny_cfg, tmp_path):
-    from tests.helpers import fit
+    from tests.support.runs import fit
 
     trainer = fit(
         tiny_cfg(LORA, "trainer.max_steps=1", "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=1")

@@ -13,7 +13,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from foundation.schema import ConfigError
 from lit_modules.lr_schedule import WarmupCosine
-from tests.helpers import REPO, kill_after_checkpoint, scalars, start_training, train_cli_args
+from tests.support.events import scalars
+from tests.support.paths import REPO
+from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
 
 
 @pytest.mark.parametrize("warmup, total, floor", [(0, 10, 0.0), (3, 50, 0.1), (5, 7, 0.0), (0, 1, 1.0)])

@@ -10,20 +10,16 @@ from encoders import build_encoder
 from lit_modules.vlm_module import VLMModule
 from model.projector import PROJECTORS
 from model.vlm import VisionLanguageModel
+from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA
 
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
-)
+VISION = TINY_CLIP
+# The tiny Llama, wider than the vision tower (a transposed projector fails) and with grouped-query attention
 TEXT = dict(
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
+    TINY_LLAMA, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=100
 )
 IMAGE_ID = 99
-N = (28 // 7) ** 2
+SIDE = VISION["image_size"]
+N = (SIDE // VISION["patch_size"]) ** 2
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +58,7 @@ def pair(tmp_path_factory):
 def test_logits_match_transformers_llava(pair):
     ref, ours = pair
     torch.manual_seed(1)
-    pixels = torch.randn(2, 3, 28, 28)
+    pixels = torch.randn(2, 3, SIDE, SIDE)
     ids = torch.randint(0, 90, (2, 30))
     ids[0, 3 : 3 + N] = IMAGE_ID
     ids[1, 10 : 10 + N] = IMAGE_ID
@@ -76,7 +72,7 @@ def test_logits_match_transformers_llava(pair):
 
 def test_image_embeddings_are_the_projected_penultimate_layer(pair):
     ref, ours = pair
-    pixels = torch.randn(3, 3, 28, 28)
+    pixels = torch.randn(3, 3, SIDE, SIDE)
     with torch.no_grad():
         expected = ref.model.get_image_features(pixel_values=pixels)
         expected = torch.cat(list(expected.pooler_output if hasattr(expected, "pooler_output") else expected))
@@ -90,7 +86,7 @@ def test_placeholder_count_mismatch_is_an_error(pair):
     ids = torch.randint(0, 90, (1, 30))
     ids[0, : N - 1] = IMAGE_ID
     with pytest.raises(ValueError, match=f"{N - 1} image tokens but 1 image"):
-        ours(ids, pixel_values=torch.randn(1, 3, 28, 28))
+        ours(ids, pixel_values=torch.randn(1, 3, SIDE, SIDE))
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(ids)
 
@@ -99,7 +95,7 @@ def test_batched_left_padded_generation_equals_one_by_one(pair):
     _, ours = pair
     torch.manual_seed(2)
     prompts = [torch.cat([torch.full((N,), IMAGE_ID), torch.randint(0, 90, (k,))]) for k in (3, 7)]
-    pixels = torch.randn(2, 3, 28, 28)
+    pixels = torch.randn(2, 3, SIDE, SIDE)
     single = [
         ours.generate(p[None], torch.ones(1, len(p), dtype=torch.long), pixels[i : i + 1], 6, [0], 0)[0]
         for i, p in enumerate(prompts)

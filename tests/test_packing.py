@@ -26,18 +26,11 @@ from foundation.schema import DataConfig
 from lit_modules.vlm_module import VLMModule
 from model.projector import PROJECTORS
 from model.vlm import VisionLanguageModel
+from tests.support.tiny_models import TINY_LLAMA, TINY_VIT
 
-VOCAB, PAD, IMAGE_ID = 64, 0, 63
+TEXT = TINY_LLAMA
+VOCAB, PAD, IMAGE_ID = TEXT["vocab_size"], 0, TEXT["vocab_size"] - 1
 N = 4  # image tokens per image: 16 px / patch 8 -> 2 x 2
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=128,
-)
 
 
 def tiny_vlm(attn: str) -> VisionLanguageModel:
@@ -45,7 +38,7 @@ def tiny_vlm(attn: str) -> VisionLanguageModel:
     vision = build_encoder(
         "timm:vit_tiny_patch16_224",
         image_size=16,
-        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        model_kwargs=TINY_VIT,
     )
     llm = LlamaForCausalLM(LlamaConfig(**TEXT, attn_implementation=attn))
     assert llm.config._attn_implementation == attn

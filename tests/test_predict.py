@@ -14,7 +14,9 @@ from experiment.assemble import build_datamodule
 from experiment.config import config_from_dict, load_config
 from inference.load import find_checkpoint, load_predictor
 from lit_modules.predictor import Predictor
-from tests.helpers import REPO, fit, tiny_overrides
+from tests.support.paths import REPO
+from tests.support.quickstart import tiny_overrides
+from tests.support.runs import fit
 from tools.predict import chat
 
 

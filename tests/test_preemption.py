@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from tests.helpers import REPO, start_training, train_cli_args
+from tests.support.paths import REPO
+from tests.support.processes import start_training, train_cli_args
 
 EVERY = 3  # steps between checkpoints, validations and benchmark scores
 

@@ -29,10 +29,10 @@ from encoders.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from encoders.enhancers import ENHANCERS
 from encoders.preprocess import LongestSidePad, ResizeCrop, default_preprocess
 from encoders.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from tests.support.tiny_models import TINY_CLIP
 
 # rocket is 640 x 427: shortest edge to 336 gives 503 x 336, an odd crop margin (167); page is a document.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "page")
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 
 
 def photo(name: str) -> Image.Image:
@@ -50,7 +50,7 @@ def clip_directory(path, processor, image_size: int):
     """A tiny CLIP tower directory (config.json only: the meta build reads no weights) + the processor's config."""
     from transformers import CLIPVisionConfig
 
-    CLIPVisionConfig(**TINY_CLIP, image_size=image_size).save_pretrained(path)
+    CLIPVisionConfig(**dict(TINY_CLIP, image_size=image_size)).save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
 

@@ -14,7 +14,8 @@ import pytest
 
 from experiment.config import load_config
 from experiment.runner import run
-from tests.helpers import REPO, tiny_overrides
+from tests.support.paths import REPO
+from tests.support.quickstart import tiny_overrides
 
 
 def readme_train_commands() -> list[list[str]]:

@@ -14,7 +14,9 @@ import yaml
 from experiment.runner import SIGTERM_EXIT, resolve_resume
 from lit_modules.callbacks.checkpointing import BestCheckpoints
 from lit_modules.checkpoint_io import TMP_MARK, remove_stale_temporaries
-from tests.helpers import kill_after_checkpoint, scalars, start_training, train_cli_args
+from tests.support.events import scalars
+from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
+from tests.support.tiny_models import TINY_VIT, flow
 
 # 51 training samples, batch 8: 7 steps an epoch (steps 6, 13 are last batches; 7, 14 first ones).
 COMMON = (
@@ -88,7 +90,7 @@ def test_resume_auto_picks_the_newest_last_checkpoint_of_the_same_model(tiny_cfg
         os.utime(path, (time.time() - age, time.time() - age))
     other = os.path.join(root, "quickstart", "other")
     os.makedirs(os.path.join(other, "checkpoints"))
-    save_config(tiny_cfg("model.encoder.model_kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}"), other)
+    save_config(tiny_cfg(f"model.encoder.model_kwargs={flow(dict(TINY_VIT, depth=2))}"), other)
     open(os.path.join(other, "checkpoints", "last.ckpt"), "wb").close()
     assert resolve_resume(cfg) == os.path.join(same, "checkpoints", "last-v1.ckpt")
     assert tiny_cfg("resume=some.ckpt").resume == "some.ckpt"

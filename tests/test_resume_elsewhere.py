@@ -11,7 +11,8 @@ import signal
 import pytest
 
 from datamodules.sampler import GroupedSampler, Padding
-from tests.helpers import kill_after_checkpoint, scalars, start_training, train_cli_args
+from tests.support.events import scalars
+from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
 
 N = 51  # samples: no world size or batch below divides it, so the ranks' last global batch is padded
 

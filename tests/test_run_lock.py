@@ -13,7 +13,8 @@ import pytest
 
 from experiment.run_dir import LOCK, RunLock
 from foundation.schema import ConfigError
-from tests.helpers import REPO, start_training, train_cli_args
+from tests.support.paths import REPO
+from tests.support.processes import start_training, train_cli_args
 
 HOLD = (
     "import sys, time; from experiment.run_dir import RunLock;"

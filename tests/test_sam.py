@@ -13,6 +13,7 @@ from torch import nn
 
 from encoders import build_encoder
 from encoders.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamImageEncoder, sam_vit_b
+from tests.support.tiny_models import TINY_SAM
 
 SAM_VIT_B_PARAMS = 89_670_912  # official ImageEncoderViT, ViT-B settings, 1024 px
 GLOBAL_BLOCKS = (2, 5, 8, 11)
@@ -258,16 +259,7 @@ def test_wrong_input_size():
 
 def tiny_sam() -> SamImageEncoder:
     """A small SAM-shaped encoder: 128 px, 8x8 grid, 4x4 windows (padded 8 -> 8), block 1 global."""
-    return SamImageEncoder(
-        image_size=128,
-        patch_size=16,
-        width=32,
-        depth=2,
-        num_heads=2,
-        window_size=4,
-        global_attn_indexes=(1,),
-        out_chans=16,
-    )
+    return SamImageEncoder(**TINY_SAM)
 
 
 def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -74,7 +75,7 @@ def test_fsdp_wraps_the_llm_layers_and_vision_blocks(tiny_cfg):
 
 def test_every_registered_encoder_has_block_classes_holding_most_weights():
     from encoders import build_encoder
-    from tests.helpers import FULL_SIZE
+    from tests.support.encoder_sizes import FULL_SIZE
 
     for name, (build_name, kwargs, _) in FULL_SIZE.items():
         with torch.device("meta"):
@@ -155,7 +156,7 @@ def test_fsdp_clips_gradients_by_their_norm_over_all_shards():
 
 # ---- atomic checkpoints --------------------------------------------------------------------------
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatch):
-    from tests.helpers import fit
+    from tests.support.runs import fit
 
     trainer = fit(tiny_cfg("trainer.max_steps=2", "trainer.limit_val_batches=0", "checkpoint.every_n_train_steps=2"))
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -187,7 +188,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatc
 # ---- DDP on CPU ----------------------------------------------------------------------------------
 def _start(tmp_path, shapes_root, version: str, *extra: str):
     """train.py as a user launches it, for 16 steps (three epochs of 7 steps at a global batch of 8)."""
-    from tests.helpers import start_training, train_cli_args
+    from tests.support.processes import start_training, train_cli_args
 
     args = train_cli_args(
         shapes_root,
@@ -207,46 +208,64 @@ def _start(tmp_path, shapes_root, version: str, *extra: str):
 
 def _losses(tmp_path, proc, version: str) -> dict[int, float]:
     """The run's TensorBoard train/loss {step: value}, once it has ended."""
-    from tests.helpers import scalars
+    from tests.support.events import scalars
 
     out = proc.communicate(timeout=500)[0]
     assert proc.returncode == 0, out[-4000:]
     return scalars(str(tmp_path / "runs" / "quickstart" / version), "train/loss")
 
 
+@pytest.fixture(scope="module")
+def one_process(shapes_root, tmp_path_factory):
+    """The one-process runs (global batch 8) the DDP runs are compared with, started at most once per grouping
+    for the module: `one_process(group_by_length)` starts it (beside the DDP run the test starts next) and
+    returns a function giving its train/loss {step: value} once it has ended."""
+    root, runs = tmp_path_factory.mktemp("one_process"), {}
+
+    def start(group_by_length: bool):
+        version = "one_grouped" if group_by_length else "one"
+        if version not in runs:
+            grouping = f"data.group_by_length={group_by_length}"
+            proc = _start(root, shapes_root, version, grouping, "trainer.devices=1", "data.batch_size=8")
+            runs[version] = functools.cache(lambda: _losses(root, proc, version))
+        return runs[version]
+
+    return start
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group_by_length", [False, True])
-def test_ddp_two_cpu_processes_match_one_process(shapes_root, tmp_path, group_by_length):
+def test_ddp_two_cpu_processes_match_one_process(one_process, shapes_root, tmp_path, group_by_length):
     # Same global batch (8): one process x 8 vs two gloo processes x 4, over 16 steps. The 51 training
     # samples make 7 steps an epoch whose last global batch has 3 samples (DDP pads rank 1 with a repeat
     # that scores nothing), so steps 6 and 13 are padded last batches and steps 7 and 14 start new epochs.
     # With grouping, some global batches are text-only (no image gradient in one process).
     grouping = f"data.group_by_length={group_by_length}"
-    one = _start(tmp_path, shapes_root, "one", grouping, "trainer.devices=1", "data.batch_size=8")
+    one = one_process(group_by_length)
     two = _start(
         tmp_path, shapes_root, "two", grouping, "trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4"
     )
-    one, two = _losses(tmp_path, one, "one"), _losses(tmp_path, two, "two")
+    one, two = one(), _losses(tmp_path, two, "two")
     assert sorted(one) == sorted(two) == list(range(16))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)
 
 
 @pytest.mark.slow
-def test_sigterm_under_ddp_saves_and_resumes_exactly(shapes_root, tmp_path):
+def test_sigterm_under_ddp_saves_and_resumes_exactly(one_process, shapes_root, tmp_path):
     """SLURM pre-emption of a 2-process DDP job: every process gets SIGTERM. Rank 0's flag reaches all ranks
     (Lightning broadcasts it each step), they stop after the same step, last.ckpt is saved, the job exits 143,
     and `resume=auto` (DDP again) logs the losses of an uninterrupted one-process run."""
-    from tests.helpers import kill_after_checkpoint
+    from tests.support.processes import kill_after_checkpoint
 
     ddp = ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4")
-    one = _start(tmp_path, shapes_root, "one", "trainer.devices=1", "data.batch_size=8")
+    one = one_process(False)  # the ungrouped reference of the test above, when it ran
     two = _start(tmp_path, shapes_root, "two", *ddp, "checkpoint.every_n_train_steps=3")
     last = tmp_path / "runs" / "quickstart" / "two" / "checkpoints" / "last.ckpt"
     stopped = kill_after_checkpoint(two, str(last), sig=signal.SIGTERM)
     assert two.returncode == SIGTERM_EXIT and stopped >= 3, two.output[-4000:]
     again = _start(tmp_path, shapes_root, "two", *ddp, "resume=auto")
-    one, two = _losses(tmp_path, one, "one"), _losses(tmp_path, again, "two")
+    one, two = one(), _losses(tmp_path, again, "two")
     assert sorted(one) == list(range(16)) and set(range(3, 16)) <= set(two)
     for step in range(3, 16):
         assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import lightning as L
@@ -53,23 +52,41 @@ def test_tiny_fit_logs_throughput_and_flops(tiny_cfg):
     assert 0.3 < rate / mean_rate < 3
 
 
-def test_data_wait_fraction():
+class FakeClock:
+    """The callback's `time` module: a clock that moves only when the test advances it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    monotonic = perf_counter
+
+
+def test_data_wait_fraction(monkeypatch):
     """Data fetched in 0.2 s, step computed in 0.1 s: 2/3 of the step time is data wait."""
+    import lit_modules.callbacks.throughput as throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(throughput, "time", clock)
     logged = []
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
     trainer = SimpleNamespace(loggers=[logger], global_step=0)
     module = SimpleNamespace(device=torch.device("cpu"), model=SimpleNamespace(image_token_id=7))
     batch = {"input_ids": torch.tensor([[7, 7, 1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
-    cb = StepThroughput(every_n_steps=2)
+    cb = StepThroughput(every_n_steps=2, keep_history=True)
     cb.on_train_epoch_start(trainer, module)
     for i in range(3):
         if i:
-            time.sleep(0.2)  # waiting for the next batch
+            clock.now += 0.2  # waiting for the next batch
         cb.on_train_batch_start(trainer, module, batch, i)
-        time.sleep(0.1)  # the step
+        clock.now += 0.1  # the step
         cb.on_train_batch_end(trainer, module, None, batch, i)
     # logged after batch index 1 (0.1 s, no wait measured for the epoch's first step + 0.3 s with 0.2 s wait)
     (m,) = logged
-    assert m["throughput/data_wait_fraction"] == pytest.approx(0.2 / 0.4, abs=0.05)
-    assert m["throughput/image_tokens_per_sec"] == pytest.approx(4 / 0.4, rel=0.15)
-    assert m["throughput/text_tokens_per_sec"] == pytest.approx(4 / 0.4, rel=0.15)
+    assert m["throughput/data_wait_fraction"] == pytest.approx(0.2 / 0.4)
+    assert m["throughput/image_tokens_per_sec"] == pytest.approx(4 / 0.4)  # 2 image tokens a batch
+    assert m["throughput/text_tokens_per_sec"] == pytest.approx(4 / 0.4)  # 2 text tokens (padding left out)
+    steps = [(s["step_time"], s["data_wait"]) for s in cb.history]
+    assert steps == [pytest.approx((0.1, 0.0)), pytest.approx((0.3, 0.2)), pytest.approx((0.3, 0.2))]

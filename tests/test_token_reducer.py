@@ -10,6 +10,7 @@ from encoders import REDUCERS, EncoderWrapper, encoder_chain, split_parts
 from encoders.base import VisionEncoder
 from encoders.sam import SamImageEncoder, sam_vit_b
 from encoders.token_reducer import TokenReducer
+from tests.support.tiny_models import TINY_SAM
 
 
 class PixelEncoder(VisionEncoder):
@@ -114,16 +115,7 @@ def test_gradients_reach_reducer_not_frozen_inner():
 
 def test_wraps_sam():
     torch.manual_seed(0)
-    sam = SamImageEncoder(
-        image_size=128,
-        patch_size=16,
-        width=32,
-        depth=2,
-        num_heads=2,
-        window_size=4,
-        global_attn_indexes=(1,),
-        out_chans=16,
-    )
+    sam = SamImageEncoder(**TINY_SAM)
     reducer = REDUCERS.build("conv", sam, channels=(24, 48))
     assert reducer(torch.randn(1, 3, 128, 128)).shape == (1, 4, 48)  # 8x8 -> 2x2
     with torch.device("meta"):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from foundation.errors import USER_ERRORS, MissingExtra, UserError, run_command
-from tests.helpers import REPO
+from tests.support.paths import REPO
 
 
 def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:

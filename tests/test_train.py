@@ -17,7 +17,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from experiment.assemble import build_module
 from experiment.runner import resolve_resume
 from inference.load import load_module
-from tests.helpers import REPO, LossRecorder, fit, scalars, tiny_overrides
+from tests.support.events import scalars
+from tests.support.paths import REPO
+from tests.support.processes import run_in_one_process
+from tests.support.quickstart import tiny_overrides
+from tests.support.runs import LossRecorder, fit, run_script_here
 
 
 class Crash(L.Callback):
@@ -169,11 +173,14 @@ def test_init_from_on_the_command_line_and_load_module(tiny_cfg, shapes_root, tm
     assert torch.equal(loaded.model.projector[0].weight, state["state_dict"]["model.projector.0.weight"])
     assert loaded.model.projector[0].weight.requires_grad and not loaded.model.llm.lm_head.weight.requires_grad
 
-    # SFT from the alignment weights through the CLI; lr 0 keeps them, so the SFT checkpoint holds them.
+    # SFT from the alignment weights through the CLI (train.py's own code, in this process: test_cli_overrides
+    # runs it as a new process); lr 0 keeps them, so the SFT checkpoint holds them.
     runs = str(tmp_path / "runs")
     sft = [f"init_from={ckpt}", "trainer.max_steps=1", "trainer.limit_val_batches=0", "logging.run_name=sft"]
-    proc = train_cli(*tiny_overrides(shapes_root, runs), *sft, "optim.lr=0", "checkpoint.every_n_train_steps=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = run_script_here(
+        "train.py", *tiny_overrides(shapes_root, runs), *sft, "optim.lr=0", "checkpoint.every_n_train_steps=1"
+    )
+    assert status == 0
     after = torch.load(os.path.join(runs, "quickstart", "sft", "checkpoints", "last.ckpt"), weights_only=True)
     for key in ("model.projector.0.weight", "model.projector.2.bias"):
         assert torch.equal(after["state_dict"][key], state["state_dict"][key]), key
@@ -192,21 +199,21 @@ def test_cli_overrides(shapes_root, tmp_path):
     assert len(scalars(os.path.dirname(config), "train/loss")) == 1
 
 
-@pytest.mark.slow  # five processes, each importing torch, transformers and lightning
+@pytest.mark.slow  # six train.py commands, run in one process that imports torch, transformers and lightning once
 def test_cli_errors_are_one_line_with_status_2(shapes_root, tmp_path):
-    for args, needle in (
+    errors = (
         (["optim.lrr=1"], "unknown key 'optim.lrr'"),
         (["experiments/nowhere.yaml"], "config file not found"),
         (["model.encoder.name=resnet"], "'model.encoder.name' = 'resnet' is not valid"),
         (["init_from=nowhere.ckpt", *tiny_overrides(shapes_root, str(tmp_path / "runs"))], "checkpoint not found"),
-    ):
-        proc = train_cli(*args)
+    )
+    describe = ["experiments/quickstart.yaml", "--describe", "model.llm.lora={r: 4}"]  # the flag anywhere
+    *procs, help_text, described = run_in_one_process("train.py", [args for args, _ in errors] + [["--help"], describe])
+    for (args, needle), proc in zip(errors, procs):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and needle in proc.stderr, (args, proc.stderr[-2000:])
         assert proc.stderr.splitlines()[-1].startswith("error: "), proc.stderr
-    help_text = train_cli("--help")
     assert help_text.returncode == 0 and "--describe" in help_text.stdout
-    described = train_cli("experiments/quickstart.yaml", "--describe", "model.llm.lora={r: 4}")  # flag anywhere
     assert described.returncode == 0, described.stderr[-2000:]
     assert "llm_base" in described.stdout and not os.path.exists(tmp_path / "runs")
 
