@@ -100,5 +100,5 @@ def test_an_explicit_run_name_never_shares_a_run_directory(tiny_cfg):
     assert first.global_step == 1
     with pytest.raises(ConfigError, match="'logging.run_name' = 'mine': .*mine already holds a run"):
         run(tiny_cfg("logging.run_name=mine", "trainer.max_steps=2", *short))
-    again = run(tiny_cfg("logging.run_name=mine", "resume=auto", "trainer.max_steps=2", *short))  # continuing is fine
+    again = run(tiny_cfg("logging.run_name=mine", "resume=auto", "trainer.max_steps=2", "optim.extend=cosine", *short))
     assert again.global_step == 2 and again.logger.version == "mine"

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 import yaml
 
 from experiment.runner import SIGTERM_EXIT, resolve_resume
@@ -86,12 +87,12 @@ def test_resume_auto_picks_the_newest_last_checkpoint_of_the_same_model(tiny_cfg
     save_config(cfg, same)
     for name, age in (("last.ckpt", 30), ("last-v1.ckpt", 20)):
         path = os.path.join(same, "checkpoints", name)
-        open(path, "wb").close()
+        torch.save({}, path)  # a checkpoint file (resume=auto skips damaged ones)
         os.utime(path, (time.time() - age, time.time() - age))
     other = os.path.join(root, "quickstart", "other")
     os.makedirs(os.path.join(other, "checkpoints"))
     save_config(tiny_cfg(f"model.encoder.model_kwargs={flow(dict(TINY_VIT, depth=2))}"), other)
-    open(os.path.join(other, "checkpoints", "last.ckpt"), "wb").close()
+    torch.save({}, os.path.join(other, "checkpoints", "last.ckpt"))
     assert resolve_resume(cfg) == os.path.join(same, "checkpoints", "last-v1.ckpt")
     assert tiny_cfg("resume=some.ckpt").resume == "some.ckpt"
 
