@@ -1,2 +1,2 @@
-"""The floor: the registry type, the typed config groups, type checks and the user-error types. Imports nothing
-from the project above it."""
+"""The floor: the registry type, config schema, stage table, type checks and user errors. Imports nothing from
+the project (the layout: docs/ARCHITECTURE.md)."""

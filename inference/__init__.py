@@ -1,2 +1,1 @@
-"""Using a trained run without the Trainer: load it from its checkpoint (load.py), answer with it, or
-export it to transformers' LLaVA (export.py) and answer with the export (exported.py)."""
+"""A trained run used without the Trainer: loaded, answered with, exported (the layout: docs/ARCHITECTURE.md)."""
