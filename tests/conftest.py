@@ -4,7 +4,9 @@ config shrunk to seconds (what tests share that is not a fixture lives in tests/
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +19,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tes
 # waits for a busy core (a 4-step tiny fit took 1.4 s with one thread, 11.7 s with two on a loaded machine).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # The quickstart's test runs last: its train.py started at collection (below) and trained beside the others.
+    # Under pytest-xdist it runs first instead, so one worker trains it while the other takes the rest.
+    xdist = hasattr(config, "workerinput")
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_quickstart.py::") != xdist)
+
+
+def pytest_collection_finish(session) -> None:
+    # The README's quickstart takes minutes: when its test is selected, it starts now and runs beside the others
+    # (under pytest-xdist each worker collects every test, so there the test starts it on the worker it runs on).
+    xdist_worker = hasattr(session.config, "workerinput")
+    if not xdist_worker and any(item.nodeid.startswith("tests/test_quickstart.py::") for item in session.items):
+        from tests.support.readme_quickstart import start_quickstart
+
+        session.config.quickstart = start_quickstart()
+
+
+def pytest_unconfigure(config) -> None:
+    run = getattr(config, "quickstart", None)
+    if run is not None:
+        if run.proc.poll() is None:  # the session ended early (-x, Ctrl-C): do not leave it running
+            run.proc.kill()
+            run.proc.wait()
+        shutil.rmtree(run.root, ignore_errors=True)
+
+
+@pytest.fixture
+def all_threads():
+    """The machine's threads for one test whose model is not tiny (SAM ViT-B at 1024 px), one again after it."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +92,10 @@ def tokenizer_dir() -> str:
     """Built once per checkout by the script CI also runs (about 30 s, a few seconds of it fetching);
     when the sources cannot be fetched the tests fail with the script's error, they never skip."""
     script = os.path.join(os.path.dirname(__file__), "fixtures", "build_tokenizers.py")
-    run = subprocess.run([sys.executable, script, TOKENIZERS], capture_output=True, text=True)
+    os.makedirs(os.path.dirname(TOKENIZERS), exist_ok=True)
+    with open(TOKENIZERS + ".lock", "w") as lock:  # pytest-xdist workers: one builds, the others then find it built
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = subprocess.run([sys.executable, script, TOKENIZERS], capture_output=True, text=True)
     if run.returncode != 0:
         pytest.fail(f"building the tokenizer fixtures failed:\n{run.stderr[-3000:]}", pytrace=False)
     return TOKENIZERS

@@ -4,6 +4,7 @@ same global batch the loss curve of one uninterrupted run."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import signal
@@ -12,7 +13,7 @@ import pytest
 
 from datamodules.sampler import GroupedSampler, Padding
 from tests.support.events import scalars
-from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
+from tests.support.processes import finished_losses, kill_after_checkpoint, start_sixteen_steps
 
 N = 51  # samples: no world size or batch below divides it, so the ranks' last global batch is padded
 
@@ -64,49 +65,42 @@ def test_the_same_layout_resumes_exactly_as_before():
 
 
 def _run(tmp_path, shapes_root, name: str, *extra: str):
-    args = train_cli_args(
-        shapes_root,
-        str(tmp_path / "runs"),
-        "trainer.max_steps=16",
-        "trainer.max_epochs=3",
-        "trainer.limit_val_batches=0",
-        "trainer.log_every_n_steps=1",
-        "trainer.accelerator=cpu",
-        "optim.lr=0.01",
-        "optim.warmup_ratio=0",
-        "data.num_workers=2",
-        "data.packing=true",
-        "data.group_by_length=true",
-        f"logging.run_name={name}",
-        *extra,
-    )
-    return start_training(args, str(tmp_path))
+    return start_sixteen_steps(tmp_path, shapes_root, name, "data.num_workers=2", "data.packing=true",
+                               "data.group_by_length=true", *extra)  # fmt: skip
 
 
 def _finish(tmp_path, proc, name: str) -> tuple[dict[int, float], str]:
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out[-4000:]
-    return scalars(str(tmp_path / "runs" / "quickstart" / name), "train/loss"), out
+    losses = finished_losses(tmp_path, proc, name)
+    return losses, proc.output
 
 
 ONE = ("trainer.devices=1", "data.batch_size=8")
 TWO = ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4")
 
 
+@pytest.fixture(scope="module")
+def reference(shapes_root, tmp_path_factory):
+    """One uninterrupted process x 8, started once for the module (beside the test's own runs); gives its
+    train/loss {step: value} once it has ended."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = _run(root, shapes_root, "reference", *ONE)
+    return functools.cache(lambda: _finish(root, proc, "reference")[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(TWO, ONE), (ONE, TWO)], ids=["2x4 then 1x8", "1x8 then 2x4"])
 def test_killed_on_one_world_size_and_resumed_on_another_logs_the_uninterrupted_losses(
-    shapes_root, tmp_path, first, then
+    reference, shapes_root, tmp_path, first, then
 ):
     """51 samples at a global batch of 8: 7 steps an epoch. Killed mid-epoch with SIGKILL (after the step-3
     checkpoint, or a later one) and resumed with resume=auto on the other world size: the same global batches,
     so the losses of one uninterrupted process, step by step."""
-    reference, _ = _finish(tmp_path, _run(tmp_path, shapes_root, "reference", *ONE), "reference")
     stopped = _run(tmp_path, shapes_root, "moved", *first, "checkpoint.every_n_train_steps=3")
     last = tmp_path / "runs" / "quickstart" / "moved" / "checkpoints" / "last.ckpt"
     at = kill_after_checkpoint(stopped, str(last), sig=signal.SIGKILL)
     resumed, out = _finish(tmp_path, _run(tmp_path, shapes_root, "moved", *then, "resume=auto"), "moved")
     assert "the global batch changed" not in out
+    reference = reference()
     assert sorted(reference) == list(range(16)) and set(range(at, 16)) <= set(resumed)
     for step in range(at, 16):
         assert resumed[step] == pytest.approx(reference[step], rel=2e-6), (step, at)

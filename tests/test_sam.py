@@ -117,7 +117,7 @@ def test_parity_with_official_at_256(official_256):
 
 
 @pytest.mark.slow
-def test_parity_with_official_at_1024(tmp_path):
+def test_parity_with_official_at_1024(tmp_path, all_threads):
     official = official_vit_b(img_size=1024, seed=2)
     path = save_official_layout(official, tmp_path / "sam_vit_b_01ec64.pth")
     ours = build_encoder("sam_vit_b", checkpoint=path).eval()
@@ -176,7 +176,7 @@ def test_512_shapes():
 
 
 @pytest.mark.slow
-def test_512_from_1024_checkpoint_matches_official_interpolation(tmp_path):
+def test_512_from_1024_checkpoint_matches_official_interpolation(tmp_path, all_threads):
     state = official_vit_b(img_size=1024, seed=3).state_dict()
     path = tmp_path / "sam.pth"
     torch.save({"image_encoder." + k: v for k, v in state.items()}, path)

@@ -15,6 +15,7 @@ from experiment.config import ConfigError
 from experiment.runner import SIGTERM_EXIT, build_trainer
 from experiment.strategy import block_classes, build_strategy
 from lit_modules.checkpoint_io import AtomicCheckpointIO
+from tests.support.processes import finished_losses, start_sixteen_steps
 
 
 # ---- strategies from the YAML --------------------------------------------------------------------
@@ -186,35 +187,6 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatc
 
 
 # ---- DDP on CPU ----------------------------------------------------------------------------------
-def _start(tmp_path, shapes_root, version: str, *extra: str):
-    """train.py as a user launches it, for 16 steps (three epochs of 7 steps at a global batch of 8)."""
-    from tests.support.processes import start_training, train_cli_args
-
-    args = train_cli_args(
-        shapes_root,
-        str(tmp_path / "runs"),
-        "trainer.max_steps=16",
-        "trainer.max_epochs=3",
-        "trainer.limit_val_batches=0",
-        "trainer.log_every_n_steps=1",
-        "trainer.accelerator=cpu",
-        "optim.lr=0.01",
-        "optim.warmup_ratio=0",
-        f"logging.run_name={version}",
-        *extra,
-    )
-    return start_training(args, str(tmp_path))
-
-
-def _losses(tmp_path, proc, version: str) -> dict[int, float]:
-    """The run's TensorBoard train/loss {step: value}, once it has ended."""
-    from tests.support.events import scalars
-
-    out = proc.communicate(timeout=500)[0]
-    assert proc.returncode == 0, out[-4000:]
-    return scalars(str(tmp_path / "runs" / "quickstart" / version), "train/loss")
-
-
 @pytest.fixture(scope="module")
 def one_process(shapes_root, tmp_path_factory):
     """The one-process runs (global batch 8) the DDP runs are compared with, started at most once per grouping
@@ -226,8 +198,8 @@ def one_process(shapes_root, tmp_path_factory):
         version = "one_grouped" if group_by_length else "one"
         if version not in runs:
             grouping = f"data.group_by_length={group_by_length}"
-            proc = _start(root, shapes_root, version, grouping, "trainer.devices=1", "data.batch_size=8")
-            runs[version] = functools.cache(lambda: _losses(root, proc, version))
+            proc = start_sixteen_steps(root, shapes_root, version, grouping, "trainer.devices=1", "data.batch_size=8")
+            runs[version] = functools.cache(lambda: finished_losses(root, proc, version))
         return runs[version]
 
     return start
@@ -242,10 +214,10 @@ def test_ddp_two_cpu_processes_match_one_process(one_process, shapes_root, tmp_p
     # With grouping, some global batches are text-only (no image gradient in one process).
     grouping = f"data.group_by_length={group_by_length}"
     one = one_process(group_by_length)
-    two = _start(
+    two = start_sixteen_steps(
         tmp_path, shapes_root, "two", grouping, "trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4"
     )
-    one, two = one(), _losses(tmp_path, two, "two")
+    one, two = one(), finished_losses(tmp_path, two, "two")
     assert sorted(one) == sorted(two) == list(range(16))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)
@@ -260,12 +232,12 @@ def test_sigterm_under_ddp_saves_and_resumes_exactly(one_process, shapes_root, t
 
     ddp = ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4")
     one = one_process(False)  # the ungrouped reference of the test above, when it ran
-    two = _start(tmp_path, shapes_root, "two", *ddp, "checkpoint.every_n_train_steps=3")
+    two = start_sixteen_steps(tmp_path, shapes_root, "two", *ddp, "checkpoint.every_n_train_steps=3")
     last = tmp_path / "runs" / "quickstart" / "two" / "checkpoints" / "last.ckpt"
     stopped = kill_after_checkpoint(two, str(last), sig=signal.SIGTERM)
     assert two.returncode == SIGTERM_EXIT and stopped >= 3, two.output[-4000:]
-    again = _start(tmp_path, shapes_root, "two", *ddp, "resume=auto")
-    one, two = one(), _losses(tmp_path, again, "two")
+    again = start_sixteen_steps(tmp_path, shapes_root, "two", *ddp, "resume=auto")
+    one, two = one(), finished_losses(tmp_path, again, "two")
     assert sorted(one) == list(range(16)) and set(range(3, 16)) <= set(two)
     for step in range(3, 16):
         assert two[step] == pytest.approx(one[step], rel=2e-6), (step, one, two)
@@ -327,6 +299,6 @@ def test_ddp_keeps_stepping_through_unreadable_images(shapes_root, tmp_path):
         "data.group_by_length=true",
     ]
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=6"]
-    losses = _losses(tmp_path, _start(tmp_path, shapes_root, "skip", *data, *ddp), "skip")
+    losses = finished_losses(tmp_path, start_sixteen_steps(tmp_path, shapes_root, "skip", *data, *ddp), "skip")
     assert sorted(losses) == list(range(6))
     assert set(losses.values()) == {0.0}  # stand-ins only: no signal, no NaN

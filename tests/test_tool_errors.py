@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import pickle
 import runpy
-import subprocess
 import sys
 
 import pytest
 
 from foundation.errors import USER_ERRORS, MissingExtra, UserError, run_command
-from tests.support.paths import REPO
+from tests.support.processes import run_commands_in_one_process
 
 
 def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:
@@ -40,24 +39,20 @@ def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:
     }
 
 
-CASES = list(_cases("/tmp"))
-
-
-@pytest.mark.slow  # ten processes, most importing torch, transformers and lightning (about 60 s on 2 cores)
-@pytest.mark.parametrize("case", CASES)
-def test_a_user_error_is_one_line_and_status_2(case, tmp_path):
+@pytest.mark.slow  # ten commands in one process importing torch, transformers and lightning once (about 20 s)
+def test_a_user_error_is_one_line_and_status_2(tmp_path):
     import torch
 
     with open(tmp_path / "pickled.ckpt", "wb") as f:  # code a checkpoint could run: torch.load must refuse it
         pickle.dump({"state_dict": {}, "on_load": print}, f, protocol=2)  # torch.save's protocol
     torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}}, tmp_path / "empty.ckpt")  # defaults config
-    args, needle = _cases(str(tmp_path))[case]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-3000:]
+    cases = _cases(str(tmp_path))
+    results = run_commands_in_one_process([args for args, _ in cases.values()])
+    for (case, (_, needle)), proc in zip(cases.items(), results):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (case, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr, (case, proc.stderr[-3000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (case, proc.stderr[-3000:])
 
 
 def test_run_command_reports_user_errors_and_keeps_bugs(capsys):

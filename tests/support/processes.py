@@ -48,20 +48,25 @@ def kill_after_checkpoint(proc, checkpoint: str, timeout: float = 300, sig: int 
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
 
 
-# Runs each argv of a JSON list as `python script argv...` would, one after the other in this one process (so
-# torch, transformers and lightning are imported once): stdout and stderr at the file-descriptor level (what
-# loggers and warnings write too), the exit status from SystemExit, and an escaping exception as Python prints it.
+# Runs each command of a JSON list (what follows `python`: `script args...` or `-m module args...`) as Python
+# would, one after the other in this one process (so torch, transformers and lightning are imported once): stdout
+# and stderr at the file-descriptor level (what loggers and warnings write too), the exit status from SystemExit,
+# and an escaping exception as Python prints it.
 _SHARED_PROCESS = r"""
 import json, os, runpy, sys, tempfile, traceback
-script, results = sys.argv[1], []
-for argv in json.loads(sys.argv[2]):
-    sys.argv = [script, *argv]
+results = []
+for command in json.loads(sys.argv[1]):
+    module = command[1] if command[0] == "-m" else None
+    sys.argv = [module or command[0], *command[2 if module else 1:]]
     files = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
     sys.stdout.flush(); sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
     try:
-        runpy.run_path(script, run_name="__main__")
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(command[0], run_name="__main__")
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
@@ -78,18 +83,51 @@ print("\n" + json.dumps(results))
 """
 
 
-def run_in_one_process(script: str, argvs: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
-    """`python script *argv` for each argv, as separate commands would give them (exit status, stdout, stderr),
-    run one after the other in one Python process: for checks of a command line's messages and exit codes,
-    where importing torch once per command would cost most of the time."""
+def run_commands_in_one_process(commands: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
+    """Each command (what follows `python`: `[script, *args]` or `["-m", module, *args]`) as a process of its own
+    would give it (exit status, stdout, stderr), run one after the other in one Python process: for checks of
+    command lines' messages and exit codes, where importing torch once per command would cost most of the time."""
     import json
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-c", _SHARED_PROCESS, script, json.dumps(argvs)]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd=cwd, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.splitlines()[-1])
     return [
-        subprocess.CompletedProcess([script, *a], r["returncode"], r["stdout"], r["stderr"])
-        for a, r in zip(argvs, results)
+        subprocess.CompletedProcess(c, r["returncode"], r["stdout"], r["stderr"]) for c, r in zip(commands, results)
     ]
+
+
+def run_in_one_process(script: str, argvs: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
+    """`python script *argv` for each argv, in one process (`run_commands_in_one_process`)."""
+    return run_commands_in_one_process([[script, *argv] for argv in argvs], cwd)
+
+
+# 51 training samples at a global batch of 8: 7 steps an epoch, the last one padded (steps 6 and 13), 16 steps
+SIXTEEN_STEPS = (
+    "trainer.max_steps=16",
+    "trainer.max_epochs=3",
+    "trainer.limit_val_batches=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "optim.lr=0.01",
+    "optim.warmup_ratio=0",
+)
+
+
+def start_sixteen_steps(tmp_path, shapes_root: str, name: str, *extra: str) -> subprocess.Popen:
+    """train.py as a user launches it, for 16 steps of the shrunk quickstart, as run `name` under tmp_path/runs."""
+    args = train_cli_args(shapes_root, str(tmp_path / "runs"), *SIXTEEN_STEPS, f"logging.run_name={name}", *extra)
+    return start_training(args, str(tmp_path))
+
+
+def finished_losses(tmp_path, proc: subprocess.Popen, name: str) -> dict[int, float]:
+    """The run's TensorBoard train/loss {step: value}, once its process has ended (with status 0)."""
+    from tests.support.events import scalars
+
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    proc.output = out
+    return scalars(str(tmp_path / "runs" / "quickstart" / name), "train/loss")

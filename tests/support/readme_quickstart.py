@@ -1,0 +1,40 @@
+"""The README's quickstart (`python train.py`) started in the background when the test that checks it is collected,
+so its minutes overlap the rest of the suite instead of adding to them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from tests.support.paths import REPO
+
+
+@dataclass
+class QuickstartRun:
+    proc: subprocess.Popen
+    root: str  # holds shapes/ (the generated data) and runs/
+    started: float  # time.perf_counter() at the start
+
+    def finish(self) -> tuple[subprocess.CompletedProcess, float]:
+        """Wait for it; its result and the minutes from start to end."""
+        out, err = self.proc.communicate()
+        done = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+        return done, (time.perf_counter() - self.started) / 60
+
+
+def start_quickstart() -> QuickstartRun:
+    """`python train.py` as the README runs it (the machine's threads, not the tests' one), with its data and runs
+    in a temporary folder."""
+    root = tempfile.mkdtemp(prefix="quickstart-")
+    overrides = [f"data.builtin.root={root}/shapes", f"logging.root={root}/runs", "trainer.enable_progress_bar=false"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # conftest's one thread: not the README's
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    return QuickstartRun(proc, root, time.perf_counter())
