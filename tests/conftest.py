@@ -35,7 +35,7 @@ def pytest_collection_finish(session) -> None:
     if not xdist_worker and any(item.nodeid.startswith("tests/test_quickstart.py::") for item in session.items):
         from tests.support.readme_quickstart import start_quickstart
 
-        session.config.quickstart = start_quickstart()
+        session.config.quickstart = start_quickstart(threads=1)  # one core for it, one for the other tests
 
 
 def pytest_unconfigure(config) -> None:

@@ -2,8 +2,8 @@
 
 Slow (about 4 minutes on 2 CPU cores alone), and run in CI because the README makes the promise. It runs
 train.py as the README does (a subprocess), started when this test is collected (tests/conftest.py) so that it
-runs beside the other tests; the minutes it prints then include their load, so the README's time is measured
-alone, not here.
+trains on one thread beside the other tests, on the other core; the minutes it prints are then not the README's
+time, which is measured alone.
 """
 
 from __future__ import annotations

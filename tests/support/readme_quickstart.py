@@ -26,13 +26,16 @@ class QuickstartRun:
         return done, (time.perf_counter() - self.started) / 60
 
 
-def start_quickstart() -> QuickstartRun:
-    """`python train.py` as the README runs it (the machine's threads, not the tests' one), with its data and runs
-    in a temporary folder."""
+def start_quickstart(threads: int | None = None) -> QuickstartRun:
+    """`python train.py` as the README runs it, with its data and runs in a temporary folder; on `threads` threads
+    (None: the machine's, as the README runs it; 1 beside the other tests, which take the other core: two threads
+    sharing one busy core spend most of their time waiting for each other)."""
     root = tempfile.mkdtemp(prefix="quickstart-")
     overrides = [f"data.builtin.root={root}/shapes", f"logging.root={root}/runs", "trainer.enable_progress_bar=false"]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # conftest's one thread: not the README's
     env["HF_HUB_OFFLINE"] = "1"
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(
         [sys.executable, "train.py", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
