@@ -7,9 +7,11 @@ on assistant turns only, text-only records allowed. `data.template` names anothe
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -45,6 +47,25 @@ def init_worker(worker_id: int, rank: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL the DataLoader workers still alive. multiprocessing's own exit handler stops daemonic
+    children with SIGTERM, which these workers ignore (`init_worker`), then joins them: a loader whose iterator
+    an exception still holds (SIGTERM during validation: its traceback keeps the frames) hung the exit forever.
+    Registered after multiprocessing's handler, so it runs before it (atexit runs last-in first-out). torch's
+    SIGCHLD handler, which raises when a worker dies by a signal, is set back to the default first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]  # not a launcher's ranks
+    if not workers:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
+
+
+_WORKER_EXIT_HANDLER: list[bool] = []
 
 
 class LLaVADataModule(L.LightningDataModule):
@@ -162,8 +183,16 @@ class LLaVADataModule(L.LightningDataModule):
             collate_fn=self._collate_fn(train),
             persistent_workers=self.data.persistent_workers and self.data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=functools.partial(init_worker, rank=rank) if self.data.num_workers > 0 else None,
+            worker_init_fn=self._worker_init(rank),
         )
+
+    def _worker_init(self, rank: int):
+        if self.data.num_workers == 0:
+            return None
+        if not _WORKER_EXIT_HANDLER:
+            atexit.register(_kill_leftover_workers)
+            _WORKER_EXIT_HANDLER.append(True)
+        return functools.partial(init_worker, rank=rank)
 
     def _collate_fn(self, train: bool):
         if train and self.data.packing:

@@ -1,6 +1,6 @@
-"""Shared fixtures: a tiny built-in dataset, its tokenizer, and the quickstart config shrunk to seconds
-real tokenizers (LLaMA/Vicuna, Llama-3, Qwen2; tests/fixtures/build_tokenizers.py), and the quickstart
-config shrunk to seconds (what tests share that is not a fixture lives in tests/support/, one module per topic)."""
+"""Shared fixtures: a tiny built-in dataset and its tokenizer, real tokenizers (LLaMA/Vicuna, Llama-3, Qwen2;
+tests/fixtures/build_tokenizers.py), and the quickstart config shrunk to seconds; the README's quickstart started
+beside the suite. What tests share that is not a fixture lives in tests/support/, one module per topic."""
 
 from __future__ import annotations
 

@@ -74,8 +74,8 @@ def test_validation_exact_match_is_the_benchmark_metric(tiny_cfg):
     dm.setup()
     batch = next(iter(dm.val_dataloader()))
     answers = batch["answers"]
-    # right, right with a period the word-level decode writes apart (" ." : the metric strips "." before " "),
-    # and wrong; the first sample's image counts as unreadable, so it is not scored
+    # right, right with a final period (the metric drops it), and wrong; the first sample's image counts as
+    # unreadable, so it is not scored
     texts = [[a, f"{a} .", "blue" if a != "blue" else "red"][k % 3] for k, a in enumerate(answers)]
     ids = [module.tokenizer.encode(t, add_special_tokens=False) for t in texts]
     module.model.generate = lambda *args, **kwargs: ids

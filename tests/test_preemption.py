@@ -38,6 +38,7 @@ def test_sigterm_during_long_evaluation_saves_and_exits_at_the_next_batch(shapes
         "trainer.max_epochs=9",
         "eval.max_new_tokens=8",
         "logging.run_name=r",
+        "data.num_workers=2",  # SIGTERM goes to the whole process group, DataLoader workers included
     ]
     if during == "validation":  # a built-in dataset with 400 held-out records: 400 one-record batches
         common += [f"data.builtin.root={tmp_path}/shapes", "data.builtin.num_val=400", "data.val_batch_size=1"]
