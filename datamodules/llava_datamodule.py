@@ -19,13 +19,15 @@ import warnings
 from collections import Counter
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from datamodules.images import ImageSpec
-from datamodules.llava_data import LLaVADataset, Sample, check_records, collate, load_records
+from datamodules.llava_data import LLaVADataset, collate
 from datamodules.packing import pack
+from datamodules.record_index import CheckSettings, IndexedSamples, RecordIndex, open_index
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
 from datamodules.templates import encode, stop_token_ids
 from foundation.schema import DataConfig
@@ -110,55 +112,69 @@ class LLaVADataModule(L.LightningDataModule):
             self.tokenizer, record["conversations"], self.template, d.system_prompt, d.image_first, self.image_token
         )
 
-    def _check(self, records: list[dict], path: str) -> list[Sample]:
+    def _index(self, path: str) -> RecordIndex:
         d = self.data
-        checked = check_records(
-            records,
-            path,
-            d.image_folder,
-            self.encode,
-            self.image.num_tokens,
-            d.max_length,
-            self.image_token,
-            d.on_error,
-            d.images_outside_folder,
+        settings = CheckSettings(
+            template=self.template,
+            system_prompt=d.system_prompt,
+            image_first=d.image_first,
+            image_token=self.image_token,
+            num_image_tokens=self.image.num_tokens,
+            max_length=d.max_length,
+            image_folder=os.path.abspath(d.image_folder) if d.image_folder else None,
+            images_outside_folder=d.images_outside_folder,
         )
-        self.skipped.update(checked.skipped)
-        self.duplicate_ids += len(checked.duplicate_ids)
-        if not checked.samples:
-            raise ValueError(f"{path}: no usable records (skipped: {dict(checked.skipped)})")
-        return checked.samples
+        return open_index(path, settings, self.tokenizer, d.index_dir, d.index_workers)
 
-    def _dataset(self, samples: list[Sample], path: str) -> LLaVADataset:
+    def _samples(self, index: RecordIndex, rows: np.ndarray) -> IndexedSamples:
+        """The usable records of `rows`, with `data.on_error` applied to the index's verdicts."""
+        usable, skipped = index.usable(rows, self.data.on_error, log)
+        self.skipped.update(skipped)
+        duplicates, shown = index.duplicates(rows)
+        if duplicates:  # kept, counted and warned about (evaluation outputs keyed by id would collide)
+            log.warning("%s: %d duplicate record ids (kept): %s", index.path, duplicates, ", ".join(map(repr, shown)))
+        self.duplicate_ids += duplicates
+        if not len(usable):
+            raise ValueError(f"{index.path}: no usable records (skipped: {skipped})")
+        return IndexedSamples(index, usable)
+
+    def _dataset(self, samples: IndexedSamples, path: str) -> LLaVADataset:
         d = self.data
         return LLaVADataset(
             samples, path, d.image_folder, self.encode, self.transform, self.image_token_id, self.image.num_tokens,
             d.on_error,
         )  # fmt: skip
 
+    def prepare_data(self) -> None:
+        # Lightning runs this once per node, before `setup` on every rank: the indexes are built here, with every
+        # core, and the ranks map them in `setup` (which also builds them when called alone, as in tests).
+        for path in dict.fromkeys(p for p in (self.data.train_json, self.data.val_json) if p):
+            self._index(path)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         d = self.data
-        records = load_records(d.train_json)
-        val_records = load_records(d.val_json) if d.val_json else []
-        if not val_records and d.val_fraction > 0:
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            n_val = max(1, int(len(records) * d.val_fraction))
-            val_records = [records[i] for i in order[:n_val]]
-            records = [records[i] for i in sorted(order[n_val:])]
-        self.train_set = self._dataset(self._check(records, d.train_json), d.train_json)
-        if val_records:
-            val_path = d.val_json or d.train_json
-            self.val_set = self._dataset(self._check(val_records, val_path), val_path)
+        train = self._index(d.train_json)
+        rows = np.arange(len(train))
+        val, val_rows = (self._index(d.val_json), None) if d.val_json else (None, None)
+        if val is not None:
+            val_rows = np.arange(len(val))
+        if (val is None or not len(val_rows)) and d.val_fraction > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).numpy()
+            n_val = max(1, int(len(train) * d.val_fraction))
+            val, val_rows, rows = train, order[:n_val], np.sort(order[n_val:])
+        self.train_set = self._dataset(self._samples(train, rows), d.train_json)
+        if val is not None and len(val_rows):
+            self.val_set = self._dataset(self._samples(val, val_rows), val.path)
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
 
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = GroupedSampler(
-            [s.length for s in dataset.samples],
-            [s.has_image for s in dataset.samples],
+            dataset.samples.lengths,
+            dataset.samples.has_image,
             batch_size,
             shuffle=train,
             group_by_length=self.data.group_by_length and train,

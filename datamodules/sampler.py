@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -56,8 +57,8 @@ class GroupedSampler(Sampler[int]):
     """Deterministic, resumable indices for one rank, optionally grouped by modality and length.
 
     Args:
-        lengths: token length of each sample.
-        has_image: whether each sample has an image.
+        lengths: token length of each sample (a sequence or an array).
+        has_image: whether each sample has an image (a sequence or an array).
         batch_size: per-rank batch size.
         shuffle: shuffle each epoch (False: dataset order, for validation).
         group_by_length: group by modality and sort by length inside mega-batches.
@@ -79,8 +80,8 @@ class GroupedSampler(Sampler[int]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        self.lengths = lengths
-        self.has_image = has_image
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # arrays: a 665K-record order is drawn in a second
+        self.has_image = np.asarray(has_image, dtype=bool)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group_by_length = group_by_length
@@ -110,21 +111,23 @@ class GroupedSampler(Sampler[int]):
         if not self.shuffle:
             return list(range(n))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(n, generator=gen).tolist()
+        perm = torch.randperm(n, generator=gen).numpy()
         if not self.group_by_length:
-            return perm
+            return perm.tolist()
         batches = []
         for modality in (True, False):
-            idx = [i for i in perm if self.has_image[i] == modality]
+            idx = perm[self.has_image[perm] == modality]
             mega = global_batch * self.MEGA
             for s in range(0, len(idx), mega):
-                chunk = sorted(idx[s : s + mega], key=lambda i: -self.lengths[i])
+                chunk = idx[s : s + mega]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first, ties in drawn order
                 batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
         # Full batches in random order; the ragged ones (one per modality and mega-batch) go last.
         full = [b for b in batches if len(b) == global_batch]
         ragged = [b for b in batches if len(b) < global_batch]
         order = torch.randperm(len(full), generator=gen).tolist()
-        return [i for k in order for i in full[k]] + [i for b in ragged for i in b]
+        parts = [full[k] for k in order] + ragged
+        return np.concatenate(parts).tolist() if parts else []
 
     def __iter__(self):
         order, start = self._global_order(self.global_batch), 0

@@ -123,6 +123,7 @@ RANGES = (
     ("data.val_batch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.max_length", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.index_workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

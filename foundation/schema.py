@@ -81,6 +81,10 @@ class DataConfig:
     packing: bool = False  # pack training samples into rows of max_length (datamodules/packing.py)
     on_error: str = "raise"  # raise | skip (bad records and unreadable images are dropped and counted)
     images_outside_folder: bool = False  # allow record image paths that resolve outside image_folder
+    # The record index of each data file (offsets, token counts, check verdicts; datamodules/record_index.py):
+    # None keeps it in .vlm_index/ beside the file, or in ~/.cache/vlm-lab/index when that is not writable.
+    index_dir: Optional[str] = None
+    index_workers: Optional[int] = None  # processes that build an index (None: every core this process may use)
 
 
 @dataclass
