@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import json
 import multiprocessing
-import os
 import signal
 import sys
 import zlib
