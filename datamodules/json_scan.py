@@ -37,6 +37,8 @@ class Spans:
 def check_readable(path: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: not readable (permission denied)")
 
@@ -102,7 +104,11 @@ def _escaped(block: np.ndarray, carry: int) -> np.ndarray:
 
 
 def _trailing_backslashes(block: np.ndarray, carry: int) -> int:
-    not_bs = np.flatnonzero(block != BACKSLASH)
+    tail = bytes(block[-4096:])
+    run = len(tail) - len(tail.rstrip(b"\\"))
+    if run < len(tail):
+        return run
+    not_bs = np.flatnonzero(block != BACKSLASH)  # a block ending in over 4 KiB of backslashes
     return carry + len(block) if len(not_bs) == 0 else len(block) - 1 - int(not_bs[-1])
 
 
@@ -117,9 +123,9 @@ def _list_spans(path: str, data: np.ndarray, first: int) -> tuple[np.ndarray, np
         block = data[s : s + BLOCK]
         escaped = _escaped(block, carry)
         carry = _trailing_backslashes(block, carry)
-        quotes = np.flatnonzero(block == QUOTE)
-        if len(escaped):
-            quotes = quotes[~np.isin(quotes, escaped)]
+        is_quote = block == QUOTE
+        is_quote[escaped] = False
+        quotes = np.flatnonzero(is_quote)
         structural = np.flatnonzero(
             (block == OPEN[0]) | (block == OPEN[1]) | (block == CLOSE[0]) | (block == CLOSE[1]) | (block == COMMA)
         )

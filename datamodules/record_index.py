@@ -203,9 +203,13 @@ def open_index(
     """The index of `data_path` for these checks: mapped when one with the same key exists, else built (by this
     process, or by another one that holds the build lock, waited for)."""
     check_readable(data_path)
+    try:
+        content = content_key(data_path)
+    except OSError as err:
+        raise DataError(f"{data_path}: cannot read it: {err.strerror}") from None
     key_fields = {
         "version": VERSION,
-        "content": content_key(data_path),
+        "content": content,
         "tokenizer": tokenizer_key(tokenizer),
         "settings": asdict(settings),
     }

@@ -114,43 +114,47 @@ class TokenCounter:
             return 0
         piece = text[a:b]
         sections = self.added.split(piece) if self.added else [piece]
-        n, start, starts = 0, 0, set()
+        n, start, spans = 0, 0, []
         for k, section in enumerate(sections):
-            if k % 2:  # an added token: one id, and a word boundary on both sides
+            if k % 2:  # an added token: one id
                 n += 1
-                starts.update((start, start + len(section)))
             elif section:
-                counted = self._section(section, start, starts)
+                counted = self._section(section, start)
                 if counted is None:
                     return None
                 n += counted
+                spans.append((start, start + len(section)))
             start += len(section)
-        starts.add(start)
-        return n if all(c - a in starts for c in cuts) else None
+        for c in cuts:  # each must fall where a word starts: no token crosses it
+            c -= a
+            inside = next(((s, e) for s, e in spans if s < c < e), None)
+            if inside is not None and not self._word_starts_at(piece, inside, c):
+                return None
+        return n
 
-    def _section(self, section: str, start: int, starts: set) -> int | None:
+    def _word_starts_at(self, piece: str, section: tuple[int, int], c: int) -> bool:
+        if self.mode == "metaspace":
+            return piece[c] == " " and piece[c - 1] != " "
+        s, e = section
+        return any(s + start == c for _, (start, _) in self.backend.pre_tokenizer.pre_tokenize_str(piece[s:e]))
+
+    def _section(self, section: str, start: int) -> int | None:
         if self.normalizer is not None and self.normalizer.normalize_str(section) != section:
             return None  # the normaliser moves characters: word offsets would not be the text's
-        n, cache = 0, self.cache
-        if len(cache) > CACHE_WORDS:
-            cache.clear()
         if self.mode == "metaspace":
             spaced = section.replace(" ", self.space)
             # The backend's Metaspace adds the prefix only where the text does not start with a space already.
             prefix = (self.prepend == "always" or (self.prepend == "first" and start == 0)) and spaced[0] != self.space
-            spaced = self.space + spaced if prefix else spaced
-            for m in self.words.finditer(spaced):
-                starts.add(start + max(0, m.start() - prefix))
-                word = m.group()
-                c = cache.get(word)
-                if c is None:
-                    c = cache[word] = len(self.model.tokenize(word))
-                n += c
-            return n
-        for word, (s, _) in self.backend.pre_tokenizer.pre_tokenize_str(section):
-            starts.add(start + s)
-            c = cache.get(word)
-            if c is None:
-                c = cache[word] = len(self.model.tokenize(word))
-            n += c
-        return n
+            words = self.words.findall(self.space + spaced if prefix else spaced)
+        else:
+            words = [word for word, _ in self.backend.pre_tokenizer.pre_tokenize_str(section)]
+        cache = self.cache
+        try:
+            return sum(map(cache.__getitem__, words))
+        except KeyError:
+            if len(cache) > CACHE_WORDS:
+                cache.clear()
+            for word in words:
+                if word not in cache:
+                    cache[word] = len(self.model.tokenize(word))
+            return sum(map(cache.__getitem__, words))
