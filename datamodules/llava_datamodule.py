@@ -105,6 +105,7 @@ class LLaVADataModule(L.LightningDataModule):
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, its global batch): checkpoint
         self.train_set = self.val_set = None
+        self._indexes: dict[tuple, RecordIndex] = {}
 
     def encode(self, record: dict):
         d = self.data
@@ -124,7 +125,10 @@ class LLaVADataModule(L.LightningDataModule):
             image_folder=os.path.abspath(d.image_folder) if d.image_folder else None,
             images_outside_folder=d.images_outside_folder,
         )
-        return open_index(path, settings, self.tokenizer, d.index_dir, d.index_workers)
+        key = (path, settings)
+        if key not in self._indexes:  # prepare_data's, reused by setup in the same process
+            self._indexes[key] = open_index(path, settings, self.tokenizer, d.index_dir, d.index_workers)
+        return self._indexes[key]
 
     def _samples(self, index: RecordIndex, rows: np.ndarray) -> IndexedSamples:
         """The usable records of `rows`, with `data.on_error` applied to the index's verdicts."""

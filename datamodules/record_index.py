@@ -67,8 +67,11 @@ class RecordIndex:
         self.path, self.root = data_path, root
         with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
             self.meta = json.load(f)
+        self._map()
+
+    def _map(self) -> None:
         for name in ARRAYS:
-            setattr(self, name, np.load(os.path.join(root, f"{name}.npy"), mmap_mode="r"))
+            setattr(self, name, np.load(os.path.join(self.root, f"{name}.npy"), mmap_mode="r"))
         if any(len(getattr(self, name)) != self.meta["records"] for name in ARRAYS):
             raise ValueError("arrays and meta.json disagree on the number of records")
         self._fd: tuple[int, int] | None = None  # (pid, descriptor): each process opens its own
@@ -76,8 +79,12 @@ class RecordIndex:
     def __len__(self) -> int:
         return int(self.meta["records"])
 
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _fd=None)
+    def __getstate__(self) -> dict:  # a spawned process maps the arrays again (a pickle would copy them)
+        return {"path": self.path, "root": self.root, "meta": self.meta}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
 
     def record(self, k: int) -> dict:
         """Record `k`, read by its offset; DataError when its bytes are no longer the ones indexed."""

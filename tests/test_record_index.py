@@ -325,3 +325,16 @@ def test_sigkill_during_the_build_leaves_no_index_anyone_trusts(tokenizer, shape
     index = open_index(path, settings(shapes_root), tokenizer)  # the lock died with the process
     assert len(index) == 40 and index.status.sum() > 0
     assert [p for p in os.listdir(folder) if not p.endswith(".lock")] == [os.path.basename(index.root)]
+
+
+def test_a_pickled_index_maps_its_arrays_again(tokenizer, shapes_root, tmp_path):
+    import pickle
+
+    path = write(tmp_path / "d.json", records(12))
+    index = open_index(path, settings(shapes_root), tokenizer)
+    index.record(0)  # opens this process's descriptor
+    blob = pickle.dumps(index)
+    assert len(blob) < 4096  # the arrays are not in it (a spawned DataLoader worker maps them)
+    copy = pickle.loads(blob)
+    assert isinstance(copy.tokens, np.memmap) and np.array_equal(copy.tokens, index.tokens)
+    assert [copy.record(k) for k in range(12)] == records(12)
