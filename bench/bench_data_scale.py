@@ -11,10 +11,12 @@ tokens, drawn with Zipf's law, one in five a compound of two of them (words of s
 real-size JPEGs (640 x 480) in LLaVA's folder layout, each path shared by many records, so the disk holds
 the JSON and 2 MB of images. Then, each in a fresh process, as a new start of train.py would be:
 
-- cold:  `prepare_data()` + `setup()` with no index: the record index is built (records/s);
+- cold:  `prepare_data()` + `setup()` with no index: the record index is built (records/s, and records per
+  CPU-second of the process and its pool, which a machine shared with other jobs still measures);
 - warm:  the same again: the index is mapped (seconds; the process's imports and tokenizer load not counted);
 - memory: PSS (/proc/<pid>/smaps_rollup) of the process and its DataLoader workers after `--batches` batches,
-  minus the process's PSS before `setup()`;
+  minus the process's PSS before `setup()`; and the process's own growth over `setup()` (index + sampler): the
+  rest is the workers' own (image batches in flight, their heaps), the same at 50,000 records as at 665,000;
 - loader: training samples/s through the DataLoader (images decoded and preprocessed at 336 px, CLIP's recipe,
   576 tokens per image as CLIP-L/14-336).
 
@@ -29,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -151,6 +154,12 @@ def pss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the index build's pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def start(args, path: str) -> dict:
     """prepare_data + setup as a training start, then the DataLoader: times and memory."""
     sys.path.insert(0, ROOT)
@@ -171,11 +180,13 @@ def start(args, path: str) -> dict:
     )  # fmt: skip
     dm = LLaVADataModule(tokenizer, data, image, stage="sft", seed=args.seed)
     before = pss_kb(os.getpid())
-    t0 = time.perf_counter()
+    t0, cpu0, load0 = time.perf_counter(), _cpu_s(), os.getloadavg()[0]
     dm.prepare_data()
     dm.setup()
-    seconds = time.perf_counter() - t0
-    out = {"setup_s": seconds, "records": len(dm.train_set.samples.index), "usable": len(dm.train_set)}
+    seconds, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+    out = {"setup_s": seconds, "cpu_s": cpu, "load": [load0, os.getloadavg()[0]]}
+    out.update(records=len(dm.train_set.samples.index), usable=len(dm.train_set))
+    out["pss_setup_mb"] = (pss_kb(os.getpid()) - before) / 1024  # what the index and the sampler's arrays add
     out["skipped"] = dict(dm.skipped)
     out["counting"] = dm.train_set.samples.index.meta["counting"]
     loader = dm.train_dataloader()
@@ -224,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("records (file MB)", f"{args.records:,} ({results['file_mb']:.0f} MB)"),
         ("cold index build", f"{cold['setup_s']:.1f} s = {args.records / cold['setup_s']:,.0f} records/s"),
+        ("  its CPU time", f"{cold['cpu_s']:.1f} s = {args.records / cold['cpu_s']:,.0f} records per CPU-second"),
+        ("  load average (start, end)", " ".join(f"{x:.1f}" for x in cold["load"]) + f" on {os.cpu_count()} cores"),
         ("warm start (setup)", f"{warm['setup_s']:.2f} s (whole process {warm['process_s']:.1f} s)"),
         ("PSS growth, process + workers", f"{warm['pss_growth_mb']:.0f} MB ({warm['workers']} workers)"),
+        ("  of it the index and sampler", f"{warm['pss_setup_mb']:.0f} MB (the process, after setup)"),
         ("loader", f"{warm['loader_samples_s']:.0f} samples/s"),
         ("token counts", cold["counting"]),
     ]
