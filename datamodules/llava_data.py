@@ -281,4 +281,5 @@ def per_sample_fields(items: list[dict]) -> dict:
         "ids": [x["id"] for x in items],
         "answers": [x["answer"] for x in items],
         "questions": [x["question"] for x in items],
+        "sources": [x.get("source") for x in items],  # a mixture's source names (datamodules/mixture.py), or None
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import math
 import multiprocessing
@@ -26,11 +27,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, collate
+from datamodules.mixture import Mixture, MixtureDataset, resolve_counts
 from datamodules.packing import pack
 from datamodules.record_index import CheckSettings, IndexedSamples, RecordIndex, open_index
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
 from datamodules.templates import encode, stop_token_ids
-from foundation.schema import DataConfig
+from foundation.schema import DataConfig, SourceConfig, source_name
 from foundation.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -90,11 +92,12 @@ class LLaVADataModule(L.LightningDataModule):
         self, tokenizer, data: DataConfig, image: ImageSpec, *, stage: str, seed: int = 0, image_token: str = "<image>"
     ):
         super().__init__()
-        if data.train_json is None:
-            raise ValueError("the DataModule needs data.train_json (built-in data: datamodules.builtin_data)")
+        if data.train_json is None and not data.sources:
+            raise ValueError("the DataModule needs data.train_json or data.sources (built-in data: builtin_data)")
         self.tokenizer = tokenizer
         self.data = data
         self.image = image
+        self.stage = stage
         self.template = STAGES.get(stage).template(data.template)
         self.seed = seed
         self.image_token = image_token
@@ -106,6 +109,9 @@ class LLaVADataModule(L.LightningDataModule):
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, its global batch): checkpoint
         self.train_set = self.val_set = None
         self._indexes: dict[tuple, RecordIndex] = {}
+        self.mixture: Mixture | None = None  # data.sources: what an epoch takes from each
+        self._sampler: GroupedSampler | None = None  # the training loader's (samples seen per source)
+        self._seen_order: tuple[int, np.ndarray] | None = None  # (epoch, its global order's sources)
 
     def encode(self, record: dict):
         d = self.data
@@ -113,16 +119,24 @@ class LLaVADataModule(L.LightningDataModule):
             self.tokenizer, record["conversations"], self.template, d.system_prompt, d.image_first, self.image_token
         )
 
-    def _index(self, path: str) -> RecordIndex:
+    def _source_encoder(self, source: SourceConfig):
+        """Record -> Encoded under the source's own template and system prompt (the data group's by default)."""
         d = self.data
+        template = STAGES.get(self.stage).template(source.template or d.template)
+        system = d.system_prompt if source.system_prompt is None else source.system_prompt
+        return functools.partial(_encode, self.tokenizer, template, system, d.image_first, self.image_token)
+
+    def _index(self, path: str, source: SourceConfig | None = None) -> RecordIndex:
+        d = self.data
+        folder = source.image_folder or d.image_folder if source else d.image_folder
         settings = CheckSettings(
-            template=self.template,
-            system_prompt=d.system_prompt,
+            template=STAGES.get(self.stage).template(source.template or d.template) if source else self.template,
+            system_prompt=source.system_prompt if source and source.system_prompt is not None else d.system_prompt,
             image_first=d.image_first,
             image_token=self.image_token,
             num_image_tokens=self.image.num_tokens,
             max_length=d.max_length,
-            image_folder=os.path.abspath(d.image_folder) if d.image_folder else None,
+            image_folder=os.path.abspath(folder) if folder else None,
             images_outside_folder=d.images_outside_folder,
         )
         key = (path, settings)
@@ -142,22 +156,30 @@ class LLaVADataModule(L.LightningDataModule):
             raise ValueError(f"{index.path}: no usable records (skipped: {skipped})")
         return IndexedSamples(index, usable)
 
-    def _dataset(self, samples: IndexedSamples, path: str) -> LLaVADataset:
+    def _dataset(self, samples: IndexedSamples, path: str, source: SourceConfig | None = None) -> LLaVADataset:
         d = self.data
+        folder, encode_fn = (
+            (source.image_folder or d.image_folder, self._source_encoder(source))
+            if source
+            else (d.image_folder, self.encode)
+        )
         return LLaVADataset(
-            samples, path, d.image_folder, self.encode, self.transform, self.image_token_id, self.image.num_tokens,
-            d.on_error,
-        )  # fmt: skip
+            samples, path, folder, encode_fn, self.transform, self.image_token_id, self.image.num_tokens, d.on_error
+        )
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node, before `setup` on every rank: the indexes are built here, with every
         # core, and the ranks map them in `setup` (which also builds them when called alone, as in tests).
         for path in dict.fromkeys(p for p in (self.data.train_json, self.data.val_json) if p):
             self._index(path)
+        for source in self.data.sources:
+            self._index(source.file, source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.data.sources:
+            return self._setup_mixture()
         d = self.data
         train = self._index(d.train_json)
         rows = np.arange(len(train))
@@ -174,6 +196,40 @@ class LLaVADataModule(L.LightningDataModule):
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
 
+    def _setup_mixture(self) -> None:
+        """data.sources: each source indexed and checked with its own template; the epoch's counts resolved, printed
+        and saved with the run (mixture.json); validation on each source's `data.val_fraction`, together."""
+        d = self.data
+        names = [source_name(s) for s in d.sources]
+        train_parts, val_parts, val_names = [], [], []
+        for k, source in enumerate(d.sources):
+            index = self._index(source.file, source)
+            rows, val_rows = np.arange(len(index)), np.zeros(0, np.int64)
+            if d.val_fraction > 0:
+                order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + k)).numpy()
+                n_val = max(1, int(len(index) * d.val_fraction))
+                val_rows, rows = order[:n_val], np.sort(order[n_val:])
+            train_parts.append(self._dataset(self._samples(index, rows), source.file, source))
+            if len(val_rows):
+                val_parts.append(self._dataset(self._samples(index, val_rows), source.file, source))
+                val_names.append(names[k])
+        amounts = ("weight", "repeat", "num_samples")
+        how = [next(((a, getattr(s, a)) for a in amounts if getattr(s, a) is not None), None) for s in d.sources]
+        records = [len(p) for p in train_parts]
+        self.mixture = Mixture(names, records, resolve_counts(names, how, records), self.seed)
+        self.train_set = MixtureDataset(train_parts, names)
+        if val_parts:
+            self.val_set = MixtureDataset(val_parts, val_names)
+        if self.skipped:
+            log.warning("skipped records: %s", dict(self.skipped))
+        if self.trainer is None or self.trainer.is_global_zero:
+            print("data mixture (samples an epoch takes from each source):\n" + self.mixture.table(), file=sys.stderr)
+            log_dir = self.trainer.logger.log_dir if self.trainer is not None and self.trainer.logger else None
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "mixture.json"), "w") as f:
+                    json.dump({"seed": self.seed, "sources": self.mixture.describe()}, f, indent=1)
+
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = GroupedSampler(
@@ -185,7 +241,10 @@ class LLaVADataModule(L.LightningDataModule):
             seed=self.seed,
             num_replicas=world,
             rank=rank,
+            plan=self.mixture.plan if train and self.mixture is not None else None,
         )
+        if train:
+            self._sampler = sampler
         if train and self._resume is not None:
             # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
             # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
@@ -273,6 +332,32 @@ class LLaVADataModule(L.LightningDataModule):
         now = self.data.batch_size * world
         if "position" not in state or state["global_batch"] == now or self.train_set is None:
             return None
-        per_rank = math.ceil(len(self.train_set) / world)
-        left = math.ceil(max(0, len(self.train_set) - state["position"]) / world)
+        size = len(self.mixture) if self.mixture is not None else len(self.train_set)  # samples an epoch
+        per_rank = math.ceil(size / world)
+        left = math.ceil(max(0, size - state["position"]) / world)
         return math.ceil(per_rank / self.data.batch_size) - math.ceil(left / self.data.batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # A mixture's samples per source up to this step (data/samples/<source>), from the epoch's order and the
+        # position alone: what every rank together trained on, with no communication.
+        trainer = self.trainer
+        if self.mixture is None or trainer is None or not trainer.training or self._sampler is None:
+            return batch
+        step = trainer.global_step
+        if not trainer.is_global_zero or trainer.logger is None or step % max(1, trainer.log_every_n_steps):
+            return batch
+        epoch = trainer.current_epoch
+        if self._seen_order is None or self._seen_order[0] != epoch:
+            sampler = self._sampler
+            saved, sampler.epoch = sampler.epoch, epoch
+            order = np.asarray(sampler._global_order(sampler.global_batch), dtype=np.int64)
+            sampler.epoch = saved
+            self._seen_order = (epoch, order)
+        position = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self._sampler.global_batch
+        seen = self.mixture.seen(epoch, self._seen_order[1][:position])
+        trainer.logger.log_metrics({f"data/samples/{name}": float(n) for name, n in seen.items()}, step=step)
+        return batch
+
+
+def _encode(tokenizer, template: str, system: str | None, image_first: bool, image_token: str, record: dict):
+    return encode(tokenizer, record["conversations"], template, system, image_first, image_token)

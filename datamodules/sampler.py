@@ -20,6 +20,7 @@ process x batch N*b at every step (the loss is the global token mean, lit_module
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,8 @@ class GroupedSampler(Sampler[int]):
         seed: base seed; the order of epoch e uses seed + e.
         num_replicas: number of ranks (world size).
         rank: this rank.
+        plan: epoch -> the indices the epoch holds, repeats included (a mixture of sources,
+            datamodules/mixture.py); None: every index once.
     """
 
     MEGA = 50  # global batches per sorted mega-batch (LLaVA uses 50 as well)
@@ -79,6 +82,7 @@ class GroupedSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        plan: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64)  # arrays: a 665K-record order is drawn in a second
         self.has_image = np.asarray(has_image, dtype=bool)
@@ -88,6 +92,8 @@ class GroupedSampler(Sampler[int]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.plan = plan
+        self.size = len(plan(0)) if plan is not None else len(self.lengths)  # samples an epoch
         self.epoch = 0
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, global batch of its layout)
 
@@ -104,14 +110,16 @@ class GroupedSampler(Sampler[int]):
         self._resume = (epoch, position, layout or self.global_batch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.num_replicas)
+        return math.ceil(self.size / self.num_replicas)
 
     def _global_order(self, global_batch: int) -> list[int]:
-        n = len(self.lengths)
+        population = self.plan(self.epoch) if self.plan is not None else None
         if not self.shuffle:
-            return list(range(n))
+            return population.tolist() if population is not None else list(range(self.size))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(n, generator=gen).numpy()
+        perm = torch.randperm(self.size, generator=gen).numpy()
+        if population is not None:
+            perm = population[perm]
         if not self.group_by_length:
             return perm.tolist()
         batches = []
