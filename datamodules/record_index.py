@@ -132,7 +132,9 @@ class RecordIndex:
         ids = self.id_hash[rows]
         with_id = np.flatnonzero(ids != 0)
         _, first = np.unique(ids[with_id], return_index=True)
-        later = np.setdiff1d(np.arange(len(with_id)), first)
+        repeated = np.ones(len(with_id), bool)
+        repeated[first] = False
+        later = np.flatnonzero(repeated)
         shown = [str(self.record(int(rows[with_id[i]]))["id"]) for i in later[:5]]
         return len(later), shown
 
