@@ -8,6 +8,7 @@ on assistant turns only, text-only records allowed. `data.template` names anothe
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import json
 import logging
@@ -46,11 +47,27 @@ def init_worker(worker_id: int, rank: int) -> None:
     """A DataLoader worker ignores SIGTERM: a scheduler (SLURM) signals every process of a job, and a worker
     killed by it fails the training process's next fetch ("DataLoader worker ... is killed by signal") before
     that process can save and exit 143 (lit_modules/callbacks/checkpointing.py); the workers end with it.
-    Then Lightning's worker seeding (`seed_everything(workers=True)`), which it adds only to loaders without an
-    init function."""
+    Freed memory goes back to the system (`_return_freed_memory`). Then Lightning's worker seeding
+    (`seed_everything(workers=True)`), which it adds only to loaders without an init function."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _return_freed_memory()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
+
+
+def _return_freed_memory() -> None:
+    """glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, after which a worker's
+    decoded images and pixel tensors (about 1 MB each) come from its heap and stay there once freed: 4 workers held
+    about 170 MB more at 336 px and batch 16 (bench/bench_data_scale.py). A fixed threshold gives them back."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def _kill_leftover_workers() -> None:
