@@ -198,6 +198,11 @@ def index_folders(data_path: str, index_dir: str | None) -> list[str]:
     return [os.path.join(data_dir, ".vlm_index"), os.path.join(cache, "vlm-lab", "index", tag)]
 
 
+def default_workers() -> int:
+    """The cores this process may run on (a job's CPU set, not the whole machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
+
+
 def _writable(folder: str) -> bool:
     try:
         os.makedirs(folder, exist_ok=True)
@@ -304,7 +309,3 @@ def _build(data_path: str, final: str, settings: CheckSettings, tokenizer, key_f
     rate = len(spans.offsets) / max(seconds, 1e-9)
     print(f"indexed {data_path} in {seconds:.1f} s ({rate:,.0f} records/s, token counts: {meta['counting']})",
           file=sys.stderr)  # fmt: skip
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
