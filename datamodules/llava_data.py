@@ -90,7 +90,8 @@ class ImagePaths:
                 if head not in self.dirs:
                     self.dirs[head] = os.path.realpath(head)
                 real = os.path.join(self.dirs[head], tail)
-            if os.path.commonpath([self.real_folder, os.path.normpath(real)]) != self.real_folder:
+            real = os.path.normpath(real)
+            if real != self.real_folder and not real.startswith(self.real_folder.rstrip(os.sep) + os.sep):
                 raise DataError(
                     f"image path {image!r} resolves outside data.image_folder {self.folder} "
                     f"(set data.images_outside_folder=true to allow it)"
