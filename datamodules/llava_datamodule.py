@@ -312,13 +312,18 @@ class LLaVADataModule(L.LightningDataModule):
         # saved after an epoch's last batch starts the next epoch whole.
         world = self._world()[0]
         global_batch = self.data.batch_size * world
-        if self.trainer is None:
-            return {"epoch": 0, "position": 0, "global_batch": global_batch}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress
-        epoch, done = self.trainer.current_epoch, batches.current.processed
-        if batches.is_last_batch and done >= self.trainer.num_training_batches:
-            epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
+        epoch, done = 0, 0
+        if self.trainer is not None:
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress
+            epoch, done = self.trainer.current_epoch, batches.current.processed
+            if batches.is_last_batch and done >= self.trainer.num_training_batches:
+                epoch, done = epoch + 1, 0
+        state = {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
+        # The epoch's size: a resume onto other data says so (its order is another one).
+        return dict(state, epoch_samples=self._epoch_samples()) if self.train_set is not None else state
+
+    def _epoch_samples(self) -> int:
+        return len(self.mixture) if self.mixture is not None else len(self.train_set)
 
     def load_state_dict(self, state: dict) -> None:
         world, rank = self._world()
@@ -327,6 +332,14 @@ class LLaVADataModule(L.LightningDataModule):
         else:  # a checkpoint from before positions were global: samples per rank, on this world size
             self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0) * world, None)
         saved, now = self._resume[2], self.data.batch_size * world
+        before = state.get("epoch_samples")
+        if before is not None and self.train_set is not None and before != self._epoch_samples() and rank == 0:
+            print(
+                f"resume: the training data changed since the checkpoint ({before} samples an epoch then, "
+                f"{self._epoch_samples()} now): epoch {self._resume[0]} goes on at its sample {self._resume[1]} of "
+                f"an order that is not the one the run saw",
+                file=sys.stderr,
+            )
         if saved not in (None, now) and rank == 0:
             print(
                 f"resume: the global batch changed from {saved} to {now} samples ({world} x data.batch_size "
@@ -349,7 +362,7 @@ class LLaVADataModule(L.LightningDataModule):
         now = self.data.batch_size * world
         if "position" not in state or state["global_batch"] == now or self.train_set is None:
             return None
-        size = len(self.mixture) if self.mixture is not None else len(self.train_set)  # samples an epoch
+        size = self._epoch_samples()
         per_rank = math.ceil(size / world)
         left = math.ceil(max(0, size - state["position"]) / world)
         return math.ceil(per_rank / self.data.batch_size) - math.ceil(left / self.data.batch_size)

@@ -186,7 +186,28 @@ def test_file_changed_during_a_run_is_an_error_then_indexed_again(tokenizer, sha
     write(tmp_path / "d.json", recs[::-1])  # every record moved
     with pytest.raises(DataError, match=r"d.json: record #\d+ is not the one indexed \(the file changed during"):
         dm.train_set[0]
-    assert setup(path).train_set[0]["id"] == "r29"  # a new start indexes the new content
+    again = setup(path)
+    assert again.train_set[0]["id"] == "r29"  # a new start indexes the new content
+
+
+def test_a_resume_onto_other_data_says_so(tokenizer, shapes_root, tmp_path, capsys):
+    from datamodules import ImageSpec, LLaVADataModule
+    from encoders.preprocess import ResizeCrop
+    from foundation.schema import DataConfig
+
+    image = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, N, ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
+    config = DataConfig(train_json=write(tmp_path / "d.json", records(30)), image_folder=shapes_root,
+                        template="chatml", max_length=64, on_error="skip", batch_size=4)  # fmt: skip
+    dm = LLaVADataModule(tokenizer, config, image, stage="sft")
+    dm.setup()
+    usable = len(dm.train_set)
+    assert dm.state_dict()["epoch_samples"] == usable
+    dm.load_state_dict({"epoch": 0, "position": 8, "global_batch": 4, "epoch_samples": usable})
+    assert "changed" not in capsys.readouterr().err
+    dm.load_state_dict({"epoch": 0, "position": 8, "global_batch": 4, "epoch_samples": usable + 5})
+    assert f"the training data changed since the checkpoint ({usable + 5} samples an epoch then, {usable} now)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_missing_unreadable_and_deleted_files(tokenizer, shapes_root, tmp_path):
