@@ -94,8 +94,10 @@ class LLaVADataModule(L.LightningDataModule):
 
     Args:
         tokenizer: the LLM's tokenizer, with the image placeholder and a pad token (see `load_tokenizer`).
-        data: the `data` group with `train_json` (and `image_folder`, `val_json`) set; every option
-            is documented in foundation/schema.py `DataConfig`. `data.template=None` takes the stage's
+        data: the `data` group with `train_json` (and `image_folder`, `val_json`) or `sources` (a mixture,
+            datamodules/mixture.py) set; every option is documented in foundation/schema.py `DataConfig`. Each
+            file is read through its record index (datamodules/record_index.py), built in `prepare_data` (once per
+            node) or, when that did not run, in `setup`. `data.template=None` takes the stage's
             `default_template` (foundation/stages.py). With `data.packing`, each training batch's samples
             share rows of up to `max_length` tokens, kept apart by position ids (datamodules/packing.py);
             `batch_size` still counts samples and validation batches stay one sample per row.
