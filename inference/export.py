@@ -19,9 +19,11 @@ lmms-eval's `llava_hf` does; special tokens added) gives training's `prompt_ids`
 
 - plain, vicuna_v1, llama3, chatml: their Jinja forms (`Template.jinja` in `TEMPLATES`), with the run's `system_prompt`
   (or the template's default) unless a `system` message replaces it. Content is a string or a list of `image`
-  / `text` parts; a turn with an image becomes `<image>\n` + its text stripped (LLaVA's preprocess_multimodal;
-  kept in place with `image_first: false`). plain, LLaVA's pretraining format, is BOS + `<image>` + answer +
-  "\n": its generation prompt is BOS + `<image>`, whatever the user wrote.
+  / `text` parts (an image part followed by text opens the turn as `<image>\n`, LLaVA's record form); a turn
+  with an image is placed by the template's rule (`Template.placement`: `<image>\n` + its text stripped, or
+  under chatml as written when it starts with the image; kept in place with `image_first: false`). plain,
+  LLaVA's pretraining format, is BOS + `<image>` + answer + "\n": its generation prompt is BOS + `<image>`,
+  whatever the user wrote.
 - chat_template: the tokenizer's own template, given strings as training gave it (`<image>\n` + text).
 
 Measured on the run's tokenizer: where training's ids start with a BOS that the tokenizer adds by itself
@@ -52,17 +54,21 @@ from model.lora import is_lora
 
 # `after(t)`: `t` with `after_image` written after each placeholder followed by text that does not start with a
 # space (see `_after_image`). `text(m)`: a message's text as training sees it: string content as it is, list
-# content as its parts in order (an image part is the placeholder); with `image_first` a turn with an image is
-# the placeholder + "\n" + the rest stripped (`move_image_first`). `s.system`: the run's system text, or the
-# text of a `system` message, which replaces it. `Template.jinja` is written in terms of these.
+# content as its parts in order (an image part is the placeholder, + "\n" under `image_first` when it opens the
+# message and text follows); with `image_first` a turn with one image is the placeholder + "\n" + the rest
+# stripped, unless `placement` is llava_next and the turn starts with it (`move_image_first`, `PLACEMENTS`).
+# `s.system`: the run's system text, or the text of a `system` message, which replaces it. `Template.jinja` is
+# written in terms of these.
 _MACROS = (
     "{% macro after(t) %}{% set pieces = t.split(image) %}{{ pieces[0] }}{% for p in pieces[1:] %}{{ image }}"
     "{% if p and p[0] != ' ' %}{{ after_image }}{% endif %}{{ p }}{% endfor %}{% endmacro %}"
     "{% macro text(m) %}{% if m['content'] is string %}{% set t = m['content'] %}{% else %}"
     "{% set parts = namespace(t='') %}{% for c in m['content'] %}"
-    "{% set parts.t = parts.t + (image if c['type'] == 'image' else c['text']) %}{% endfor %}"
-    "{% set t = parts.t %}{% endif %}"
-    "{% if image_first and image in t %}{% set rest = t.replace(image, '') | trim %}"
+    "{% set opens = image_first and loop.first and not loop.last and m['content'][1]['type'] == 'text' %}"
+    "{% set parts.t = parts.t + (image + ('\\n' if opens else '') if c['type'] == 'image' else c['text']) %}"
+    "{% endfor %}{% set t = parts.t %}{% endif %}"
+    "{% if image_first and t.count(image) == 1 and not (placement == 'llava_next' and t.startswith(image)) %}"
+    "{% set rest = t.replace(image, '') | trim %}"
     "{% set t = image + ('\\n' + rest if rest else '') %}{% endif %}{{ after(t) }}{% endmacro %}"
     "{% set s = namespace(system=system) %}{% for m in messages if m['role'] == 'system' %}"
     "{% set s.system = text(m) %}{% endfor %}"
@@ -120,6 +126,7 @@ def chat_template(
             "system": DEFAULT_SYSTEM.get(template, "") if system is None else system,
             "image": image_token,
             "image_first": image_first,
+            "placement": TEMPLATES.get(template).placement,
             "after_image": _after_image(tokenizer, image_token),
         }
         # JSON literals are Jinja literals (strings, true / false); the saved template shows its settings
@@ -171,12 +178,13 @@ def _after_image(tokenizer, image_token: str) -> str:
 PROBES = (["What is in this picture?"], ["  Describe it.\nBriefly. "], ["What color?", "red", "And the shape?\n\n"])
 
 
-def _probe(turns: list[str], image_token: str, parts: bool) -> tuple[list[dict], list[dict]]:
+def _probe(turns: list[str], image_token: str, parts: bool, image_first: bool) -> tuple[list[dict], list[dict]]:
     """(chat messages, LLaVA turns) of one conversation: the image as a part before the text (`parts`), or in
-    the text as LLaVA's records have it, `<image>\n` + text (lmms-eval's `llava_hf` sends such strings)."""
+    the text as LLaVA's records have it, `<image>\n` + text (lmms-eval's `llava_hf` sends such strings). The
+    turns are what the parts render as: `<image>\n` + text under `image_first`, else `<image>` + text."""
     messages, conversations = [], []
     for k, text in enumerate(turns):
-        value = (image_token + ("" if parts else "\n") if k == 0 else "") + text
+        value = (image_token + ("" if parts and not image_first else "\n") if k == 0 else "") + text
         content = [{"type": "image"}, {"type": "text", "text": text}] if k == 0 and parts else value
         messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": content})
         conversations.append({"from": "human" if k % 2 == 0 else "gpt", "value": value})
@@ -193,7 +201,7 @@ def _check_ids(tokenizer, chat: str, template: str, system: str | None, image_fi
         else:
             forms = [(turns, True), (turns, False)]
         for probe, parts in forms:
-            messages, conversations = _probe(probe, image_token, parts)
+            messages, conversations = _probe(probe, image_token, parts, image_first)
             text = tokenizer.apply_chat_template(
                 messages, chat_template=chat, tokenize=False, add_generation_prompt=True
             )
