@@ -68,8 +68,9 @@ class DataConfig:
     val_fraction: float = 0.0  # held out from train_json when there is no val_json
     template: Optional[str] = None  # None: "plain" for align, the tokenizer's chat template for sft
     system_prompt: Optional[str] = None  # None: the template's default
-    # True: <image> moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal, so ids
-    # match LLaVA's); False: it stays where the text puts it (interleaved text). datamodules/templates.py
+    # True: <image> is placed by the template's reference rule (LLaVA's preprocess_multimodal for plain,
+    # vicuna_v1, llama3; LLaVA-NeXT's for chatml, chat_template), so ids match the reference's; False: it stays
+    # where the text puts it (interleaved text). datamodules/templates.py PLACEMENTS
     image_first: bool = True
     max_length: int = 2048  # tokens, image tokens included; longer records are errors (or skipped)
     pad_to_square: bool = False  # pad with the mean colour before resizing (LLaVA-1.5 SFT)
