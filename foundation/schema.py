@@ -35,7 +35,7 @@ class LLMConfig:
 # ModelConfig's blocks `{name, **options}`, in the order the vision tower is built (the encoder, then the
 # wrappers around it): `name` picks a builder from the registry of the block's kind (encoders.BLOCK_REGISTRIES,
 # by `Registry.kind`), and a config source that sets `name` replaces the block whole (experiment/config.py).
-NAMED_BLOCKS = ("encoder", "reducer", "enhancer")
+NAMED_BLOCKS = ("encoder", "reducer", "enhancer", "tiling")
 
 
 @dataclass
@@ -43,6 +43,8 @@ class ModelConfig:
     encoder: Dict[str, Any] = field(default_factory=lambda: {"name": "clip_vit_l_336"})  # {name, **builder options}
     reducer: Optional[Dict[str, Any]] = None  # e.g. {name: conv} for SAM -> 256 tokens
     enhancer: Optional[Dict[str, Any]] = None  # e.g. {name: dual_perspective, n: 3}
+    # e.g. {name: anyres, grid_pinpoints: "(1x1),...,(3x3)", max_tiles: 9}: LLaVA-NeXT's tiles (encoders/anyres/)
+    tiling: Optional[Dict[str, Any]] = None
     projector: str = "mlp2x_gelu"
     mm_projector: Optional[str] = None  # LLaVA / INF-LLaVA stage-1 mm_projector.bin: projector (+ DEM) weights
     llm: LLMConfig = field(default_factory=LLMConfig)

@@ -1,12 +1,15 @@
 """The VLM as a plain nn.Module: vision tower -> projector -> causal LM.
 
 The vision tower is any `VisionEncoder`, possibly wrapped by a token reducer and/or an enhancer
-(INF-LLaVA's dual-perspective module), which satisfy the same contract. Each `<image>` placeholder in
-`input_ids` has already been expanded to N copies by the DataModule (as transformers' LLaVA processor
-does), so here the N projected image embeddings simply take those positions.
+(INF-LLaVA's dual-perspective module) and/or a tiling (LLaVA-NeXT's AnyRes), which satisfy the same contract.
+Each `<image>` placeholder in `input_ids` has already been expanded by the DataModule to as many copies as
+the image has embeddings (`vision.num_image_tokens`, as transformers' LLaVA / LLaVA-NeXT processors do), so
+here the projected image embeddings, packed by the tower (`vision.pack`), simply take those positions.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -21,8 +24,8 @@ class VisionLanguageModel(nn.Module):
     """Vision tower -> projector -> causal LM, image embeddings placed at the placeholder tokens.
 
     Args:
-        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
-        projector: [M, N, C] -> [M, N, D].
+        vision: the vision tower, pixels [K, 3, S, S] -> [K, N, C] (K = M images, or their views with a tiling).
+        projector: [K, N, C] -> [K, N, D].
         llm: a transformers causal LM with hidden size D.
         image_token_id: placeholder id in input_ids (N consecutive copies per image); None when the
             model is built without a tokenizer (shapes only, e.g. `describe` of a recipe whose
@@ -35,6 +38,13 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        # LLaVA-NeXT's learned row end in the LLM's input space, initialised as LLaVA-NeXT and transformers
+        # (normal, std 1/sqrt(D)); it trains with the projector (see `parts`).
+        newline = None
+        if vision.uses_image_newline:
+            width = llm.get_input_embeddings().embedding_dim
+            newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+        self.image_newline = newline
 
     def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by part: encoder, reducer, enhancer, projector, llm (and llm_base with LoRA).
@@ -45,6 +55,10 @@ class VisionLanguageModel(nn.Module):
         """
         parts = {k: [("vision." + n, p) for n, p in v] for k, v in split_parts(self.vision).items()}
         parts["projector"] = [("projector." + n, p) for n, p in self.projector.named_parameters()]
+        if self.image_newline is not None:
+            # LLaVA-NeXT trains it in stage 2 only, in its first use; here it is new in whichever stage tiles
+            # first, so it trains from there with the projector that feeds the rows it ends.
+            parts["projector"].append(("image_newline", self.image_newline))
         llm = [("llm." + n, p) for n, p in self.llm.named_parameters()]
         if not is_lora(self.llm):
             parts["llm"] = llm
@@ -81,15 +95,22 @@ class VisionLanguageModel(nn.Module):
         return "\n".join(lines)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[M, 3, S, S] normalised pixels -> [M, N, D] image embeddings in the LLM's input space."""
-        feats = self.vision(pixel_values)  # [M, N, C]
-        return self.projector(feats.to(self.projector_dtype()))  # [M, N, D]
+        """[K, 3, S, S] normalised pixels -> [K, N, D] embeddings in the LLM's input space, per encoder image."""
+        feats = self.vision(pixel_values)  # [K, N, C]
+        return self.projector(feats.to(self.projector_dtype()))  # [K, N, D]
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, 3, S, S] (+ image_sizes [M, 2], (height, width)) -> the LLM's image embeddings [L, D], image
+        after image, as the tower packs them (a tiling: unpadded, row ends; else N per image)."""
+        return self.vision.pack(self.encode_images(pixel_values), image_sizes, self.image_newline)
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [B, T] (+ images [M, 3, S, S]) -> inputs_embeds [B, T, D] with images in place."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] (+ images [K, 3, S, S], image_sizes [M, 2]) -> inputs_embeds [B, T, D], images in place."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         is_image = input_ids == self.image_token_id  # [B, T]
         num_slots = int(is_image.sum())
@@ -100,13 +121,16 @@ class VisionLanguageModel(nn.Module):
                 # Text-only batch under DDP: touch the vision path with zero weight so every rank's
                 # trainable vision parameters get a (zero) gradient and the all-reduce lines up.
                 dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
-                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+                unused = self.encode_images(dummy).sum()
+                if self.image_newline is not None:
+                    unused = unused + self.image_newline.sum()
+                embeds = embeds + 0.0 * unused.to(embeds.dtype)
             return embeds
-        images = self.encode_images(pixel_values)  # [M, N, D]
-        if num_slots != images.shape[0] * images.shape[1]:
+        images = self.image_embeddings(pixel_values, image_sizes)  # [L, D]
+        if num_slots != images.shape[0]:
+            num_images = pixel_values.shape[0] if image_sizes is None else image_sizes.shape[0]
             raise ValueError(
-                f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
-                f"{images.shape[0]} x {images.shape[1]} embeddings"
+                f"input_ids hold {num_slots} image tokens but {num_images} image(s) give {images.shape[0]} embeddings"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
 
@@ -119,6 +143,7 @@ class VisionLanguageModel(nn.Module):
         num_items_in_batch: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         full_logits: bool = False,
+        image_sizes: torch.Tensor | None = None,
     ):
         """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
 
@@ -128,10 +153,11 @@ class VisionLanguageModel(nn.Module):
 
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
         (transformers' loss argument; VLMModule passes the global count / world size under DDP).
+        `image_sizes` [M, 2]: (height, width) of each image, for a tiling tower (its views are `pixel_values`).
         `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample;
         with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
         extra = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
         # (transformers only looks for packed samples in position_ids when there is no KV cache)
         if labels is not None and not full_logits and labelled_only(self.llm):
@@ -151,10 +177,11 @@ class VisionLanguageModel(nn.Module):
         pad_id: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        image_sizes: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Decoding from left-padded prompts [B, P]: greedy with `temperature` 0, else sampling at that
         temperature from the top-`top_p` nucleus. Returns the new tokens of each sample (stop excluded)."""
-        embeds = self.embed(prompt_ids, pixel_values)
+        embeds = self.embed(prompt_ids, pixel_values, image_sizes)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         out = self.llm.generate(
             inputs_embeds=embeds,
