@@ -101,6 +101,10 @@ class VisionEncoder(nn.Module):
         that takes every image at its own size; a tiling wrapper's count depends on the size."""
         return self.num_tokens
 
+    def num_views(self, image_size: tuple[int, int]) -> int:
+        """Encoder images (`forward` inputs) per image of `image_size`: 1, or a tiling's base view + tiles."""
+        return 1
+
     def pack(
         self, tokens: torch.Tensor, image_sizes: torch.Tensor | None, newline: torch.Tensor | None
     ) -> torch.Tensor:

@@ -41,10 +41,18 @@ def build_on_meta(cfg: DictConfig, llm_config: dict | None = None) -> tuple[Visi
     return model, model.freeze_for(cfg.stage, cfg.trainable)
 
 
-def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
+# Image sizes (height, width) whose token counts are shown for a tower whose count depends on the size (a
+# tiling) when none are asked for: a VGA / COCO photo, XGA, a Full HD screenshot, an A4 page at 150 dpi.
+EXAMPLE_SIZES = ((480, 640), (768, 1024), (1080, 1920), (1754, 1240))
+
+
+def describe(
+    cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[tuple[int, int]] | None = None
+) -> str:
     """Each part's parameters (total, trainable in this stage), where its weights come from, and what the
     LLM sees of an image (input size, image tokens, text budget within data.max_length). Arguments as
-    `build_on_meta`."""
+    `build_on_meta`; `image_sizes` (height, width): the images whose token counts to show (by default
+    `EXAMPLE_SIZES` where the count depends on the size)."""
     start = time.perf_counter()
     model, table = build_on_meta(cfg, llm_config)
     seconds = time.perf_counter() - start
@@ -59,15 +67,27 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
         "vision: " + _vision_chain(vision),
     ]
     tokens, max_length = vision.num_tokens, cfg.data.max_length
-    lines.append(
-        f"image tokens per image: {tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
+    per_view = (
+        f"{tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
         f"{' + CLS' if tokens != vision.grid_size[0] * vision.grid_size[1] else ''}) of width "
         f"{vision.embed_dim}, projected to {text.hidden_size}"
     )
+    sizes = [tuple(s) for s in image_sizes or ()]
+    varies = any(vision.num_image_tokens(s) != tokens for s in (*sizes, *EXAMPLE_SIZES))
+    if not varies:
+        lines.append(f"image tokens per image: {per_view}")
+    else:  # a tiling: the count depends on the image's size
+        lines.append(f"image tokens per encoder view: {per_view}; per image by its size (height x width):")
+        sizes = sizes or list(EXAMPLE_SIZES)
+        for h, w in sizes:
+            n, views = vision.num_image_tokens((h, w)), vision.num_views((h, w))
+            lines.append(f"  {h} x {w} px: {n} image tokens ({views} encoder views)")
+        tokens = max(vision.num_image_tokens(s) for s in sizes)
     budget = max_length - tokens
     lines.append(
         f"sequence: data.max_length {max_length} = {tokens} image tokens + {budget} text tokens "
-        f"(one image per sample)" + ("  <- no room for text" if budget <= 0 else "")
+        f"(one image per sample{', the largest above' if varies else ''})"
+        + ("  <- no room for text" if budget <= 0 else "")
     )
     positions = getattr(text, "max_position_embeddings", None)
     if positions is not None:
@@ -114,7 +134,8 @@ def _sources(cfg: DictConfig, text) -> dict[str, str]:
     projector_source = _where(m.mm_projector) if m.mm_projector else "random init"
     # the enhancer's weights come with the projector's (INF-LLaVA's mm_projector.bin holds both)
     encoder_source = _where(ckpt) if ckpt else "random init"
-    weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source}
+    # a tiling has no weights; its learned newline is the VLM's and comes with the projector's
+    weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source, "tiling": "no weights"}
     sources = {kind: f"{m[kind].name}: {weights[kind]}" for kind in NAMED_BLOCKS if m[kind] is not None}
     sources["projector"] = f"{m.projector}: {projector_source}"
     llm = f"{text.model_type}: " + (_where(m.llm.path) if m.llm.path else "random init (inline config)")

@@ -81,6 +81,7 @@ class VLMModule(L.LightningModule):
             num_items_in_batch,
             position_ids,
             full_logits=full_logits,
+            image_sizes=batch.get("image_sizes"),  # [M, 2] with a tiling tower (AnyRes): which views are whose
         )
 
     def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,7 @@ class VLMModule(L.LightningModule):
             self.evaluation.max_new_tokens,
             self.stop_ids,
             self.tokenizer.pad_token_id,
+            image_sizes=batch.get("image_sizes"),
         )
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         # a sample whose image could not be read is not scored

@@ -31,11 +31,20 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 from encoders import REDUCERS, TILINGS, build_encoder
 from encoders.anyres import AnyRes, parse_grid_pinpoints, select_best_resolution
 from encoders.sam import SamImageEncoder
+from experiment.assemble import build_module
+from experiment.describe import describe
 from foundation.schema import ConfigError
 from model.build import build_vision
 from model.projector import PROJECTORS
 from model.vlm import VisionLanguageModel
-from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA, TINY_SAM, TINY_VIT, TINY_VIT_IMAGE_SIZE
+from tests.support.tiny_models import (
+    TINY_CLIP,
+    TINY_CLIP_ENCODER,
+    TINY_LLAMA,
+    TINY_SAM,
+    TINY_VIT,
+    TINY_VIT_IMAGE_SIZE,
+)
 
 S = TINY_CLIP["image_size"]  # the tile side, 32 px: 4 x 4 tokens of the tiny CLIP per view
 TEXT = TINY_LLAMA  # 64 ids, room for the built-in tokenizer's 59
@@ -270,3 +279,19 @@ def test_the_newline_trains_with_the_projector(pair):
     _, ours = pair
     assert ("image_newline", ours.image_newline) in ours.parts()["projector"]
     assert "tiling" not in ours.parts()  # the wrapper has no parameters of its own
+
+
+def test_describe_reports_the_tokens_of_given_sizes_and_the_training_table(tiny_cfg, processor):
+    """`train.py X.yaml --describe --image-size HxW`: LLaVA-NeXT's count for each size (LlavaNextProcessor's,
+    less the CLS), the largest in the sequence budget, and the parameter table training logs (the newline in it)."""
+    cfg = tiny_cfg(TINY_CLIP_ENCODER, f"model.tiling={{name: anyres, grid_pinpoints: '{RANGE}'}}")
+    sizes = [(300, 451), (40, 600), (20, 26)]
+    text = describe(cfg, image_sizes=sizes)
+    counts = [processor._get_number_of_features(h, w, S, S) - 1 for h, w in sizes]
+    for (h, w), n in zip(sizes, counts):
+        assert f"  {h} x {w} px: {n} image tokens" in text
+    assert f"= {max(counts)} image tokens + {cfg.data.max_length - max(counts)} text tokens" in text
+    module = build_module(cfg)
+    assert module.parameter_table in text
+    projector = TINY_CLIP["hidden_size"] * TEXT["hidden_size"] + TEXT["hidden_size"] * (TEXT["hidden_size"] + 2)
+    assert sum(p.numel() for _, p in module.model.parts()["projector"]) == projector + TEXT["hidden_size"]

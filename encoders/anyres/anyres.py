@@ -77,6 +77,9 @@ class AnyRes(EncoderWrapper):
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         return self.layout.num_image_tokens(tuple(image_size))
 
+    def num_views(self, image_size: tuple[int, int]) -> int:
+        return self.layout.num_tiles(tuple(image_size))
+
     def pack(
         self, tokens: torch.Tensor, image_sizes: torch.Tensor | None, newline: torch.Tensor | None
     ) -> torch.Tensor:
