@@ -135,7 +135,8 @@ def _sources(cfg: DictConfig, text) -> dict[str, str]:
     # the enhancer's weights come with the projector's (INF-LLaVA's mm_projector.bin holds both)
     encoder_source = _where(ckpt) if ckpt else "random init"
     # a tiling has no weights; its learned newline is the VLM's and comes with the projector's
-    weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source, "tiling": "no weights"}
+    weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source}
+    weights["tiling"] = "no weights"
     sources = {kind: f"{m[kind].name}: {weights[kind]}" for kind in NAMED_BLOCKS if m[kind] is not None}
     sources["projector"] = f"{m.projector}: {projector_source}"
     llm = f"{text.model_type}: " + (_where(m.llm.path) if m.llm.path else "random init (inline config)")
