@@ -46,9 +46,7 @@ def build_on_meta(cfg: DictConfig, llm_config: dict | None = None) -> tuple[Visi
 EXAMPLE_SIZES = ((480, 640), (768, 1024), (1080, 1920), (1754, 1240))
 
 
-def describe(
-    cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[tuple[int, int]] | None = None
-) -> str:
+def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[tuple[int, int]] | None = None) -> str:
     """Each part's parameters (total, trainable in this stage), where its weights come from, and what the
     LLM sees of an image (input size, image tokens, text budget within data.max_length). Arguments as
     `build_on_meta`; `image_sizes` (height, width): the images whose token counts to show (by default
