@@ -1,17 +1,20 @@
-"""Export a trained run to transformers' LLaVA format: `LlavaForConditionalGeneration` + `LlavaProcessor`.
+"""Export a trained run to transformers' LLaVA format: `LlavaForConditionalGeneration` + `LlavaProcessor`, or
+with AnyRes tiling (`model.tiling: {name: anyres}`) `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`.
 
     python -m tools.export runs/X/defaults exported/X
-    LlavaForConditionalGeneration.from_pretrained("exported/X"); AutoProcessor.from_pretrained("exported/X")
+    AutoModelForImageTextToText.from_pretrained("exported/X"); AutoProcessor.from_pretrained("exported/X")
 
-Possible when the architecture is one transformers' LLaVA has: a `clip*` tower (CLIP / SigLIP-style
+Possible when the architecture is one transformers' LLaVA (LLaVA-NeXT) has: a `clip*` tower (CLIP / SigLIP-style
 `CLIPVisionModel`), no token reducer or enhancer, the `mlp2x_gelu` projector (LLaVA-1.5's), and a plain
-transformers causal LM (merge LoRA adapters first with tools/merge_lora). Anything else fails with a message
-naming what prevents export.
+transformers causal LM (merge LoRA adapters first with tools/merge_lora); with AnyRes, `fit: pad`, no `max_tiles`
+(LLaVA-OneVision's, which LLaVA-NeXT lacks) and a tower whose resize equals its crop (LLaVA-NeXT resizes the
+base view to the resize side). Anything else fails with a message naming what prevents export.
 
 What maps to what: our pruned tower (layers after `select_layer` removed) becomes a tower of that many
 layers with `vision_feature_layer=-1` (the same hidden state); `select_feature: patch` is transformers'
 `vision_feature_select_strategy: default` (CLS dropped); projector `0.*` / `2.*` -> `linear_1` / `linear_2`;
-the LM's `model.*` -> `model.language_model.*`, `lm_head` stays.
+the LM's `model.*` -> `model.language_model.*`, `lm_head` stays; AnyRes's canvases become `image_grid_pinpoints`
+([height, width]) and the VLM's `image_newline` LLaVA-NeXT's `model.image_newline`.
 
 The processor's chat template renders messages as the run's training template did, so the standard call
 `processor(images=..., text=processor.apply_chat_template(messages, add_generation_prompt=True))` (what
@@ -44,10 +47,20 @@ import json
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
 from datamodules.templates import IMAGE_TOKEN, LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM, encode
 from encoders import encoder_chain
+from encoders.anyres import AnyRes
 from encoders.clip import CLIPEncoder
 from foundation.errors import UserError
 from model.lora import is_lora
@@ -83,19 +96,41 @@ class ExportError(UserError):
     not give training's token ids; the message says which part."""
 
 
-def _check(module) -> None:
+def _check(module) -> AnyRes | None:
+    """Raise ExportError naming what transformers' LLaVA / LLaVA-NeXT cannot hold; the AnyRes tiling, if any."""
     model = module.model
     chain = encoder_chain(model.vision)
-    if len(chain) > 1:
-        names = ", ".join(type(m).__name__ for m in chain[:-1])
-        raise ExportError(f"the vision tower is wrapped ({names}): transformers' LLaVA has no reducer or enhancer")
-    if not isinstance(model.vision, CLIPEncoder):
-        raise ExportError(f"encoder {type(model.vision).__name__} is not a transformers CLIP tower (clip*)")
+    tiling = chain[0] if isinstance(chain[0], AnyRes) else None
+    wrappers = chain[1:-1] if tiling is not None else chain[:-1]
+    if wrappers:
+        names = ", ".join(type(m).__name__ for m in wrappers)
+        raise ExportError(
+            f"the vision tower is wrapped ({names}): transformers' LLaVA and LLaVA-NeXT have no reducer or enhancer"
+        )
+    tower = chain[-1]
+    if not isinstance(tower, CLIPEncoder):
+        raise ExportError(f"encoder {type(tower).__name__} is not a transformers CLIP tower (clip*)")
+    recipe = tower.preprocess
+    if getattr(recipe, "shortest_edge", None) is None or getattr(recipe, "crop", None) is None:
+        raise ExportError("the tower's preprocessing is not CLIP's shortest-edge resize + centre crop")
+    if tiling is not None:
+        if tiling.layout.fit != "pad":
+            raise ExportError("model.tiling.fit is 'resize': transformers' LLaVA-NeXT pads each image to its canvas")
+        if tiling.layout.max_tiles is not None:
+            raise ExportError(
+                "model.tiling.max_tiles is LLaVA-OneVision's anyres_max_N: LLaVA-NeXT never resizes the tiles' map"
+            )
+        if recipe.shortest_edge != recipe.crop:
+            raise ExportError(
+                f"the tower resizes to {recipe.shortest_edge} px and crops {recipe.crop}: LLaVA-NeXT's processor "
+                "would give the base view another resize than training's"
+            )
     proj = model.projector
     if not (isinstance(proj, nn.Sequential) and len(proj) == 3 and isinstance(proj[1], nn.GELU)):
         raise ExportError("the projector is not mlp2x_gelu (Linear, GELU, Linear), LLaVA-1.5's")
     if is_lora(model.llm):
         raise ExportError("the LLM carries LoRA adapters: merge them first (python -m tools.merge_lora)")
+    return tiling
 
 
 def chat_template(
@@ -229,28 +264,37 @@ def with_end_of_turn_as_eos(tokenizer, template: str):
 
 
 def export_llava(module, template: str, out_dir: str) -> str:
-    """Write `out_dir` (safetensors weights, config, processor, tokenizer); returns it."""
-    _check(module)
-    vision, llm, tokenizer = module.model.vision, module.model.llm, module.tokenizer
+    """Write `out_dir` (safetensors weights, config, processor, tokenizer); returns it. A run with AnyRes tiling
+    becomes LLaVA-NeXT (`LlavaNextForConditionalGeneration` + `LlavaNextProcessor`), any other LLaVA."""
+    tiling = _check(module)
+    llm, tokenizer = module.model.llm, module.tokenizer
+    encoder = encoder_chain(module.model.vision)[-1]
     run = module.hparams["config"]
     image_token = run["model"]["image_token"]
     chat = chat_template(tokenizer, template, run["data"]["system_prompt"], run["data"]["image_first"], image_token)
     tokenizer = with_end_of_turn_as_eos(tokenizer, template)
-    tower = vision.model
+    tower = encoder.model
     vision_config = tower.config.to_dict()
     vision_config["num_hidden_layers"] = len(tower.encoder.layers)  # the layers kept up to select_layer
-    config = LlavaConfig(
+    common = dict(
         vision_config=vision_config,
         text_config=llm.config.to_dict(),
         image_token_id=module.model.image_token_id,
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default" if vision.select_feature == "patch" else "full",
+        vision_feature_select_strategy="default" if encoder.select_feature == "patch" else "full",
         projector_hidden_act="gelu",
-        image_seq_length=vision.num_tokens,
         multimodal_projector_bias=True,
     )
+    if tiling is None:
+        config, model_class = LlavaConfig(**common, image_seq_length=encoder.num_tokens), LlavaForConditionalGeneration
+    else:
+        pinpoints = [list(canvas) for canvas in tiling.layout.resolutions]  # [height, width], as AnyRes lists them
+        config, model_class = (
+            LlavaNextConfig(**common, image_grid_pinpoints=pinpoints),
+            LlavaNextForConditionalGeneration,
+        )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = model_class(config)
     state = {}
     for k, v in tower.state_dict().items():
         state["model.vision_tower." + k.removeprefix("vision_model.")] = v
@@ -259,6 +303,8 @@ def export_llava(module, template: str, out_dir: str) -> str:
             state[f"model.multi_modal_projector.{theirs}.{p}"] = module.model.projector.state_dict()[f"{ours}.{p}"]
     for k, v in llm.state_dict().items():
         state[k if k.startswith("lm_head.") else "model.language_model." + k.removeprefix("model.")] = v
+    if tiling is not None:
+        state["model.image_newline"] = module.model.image_newline
     expected = hf.state_dict()
     # post_layernorm only feeds CLIP's pooled output, which LLaVA never reads; ours is an Identity
     for k in expected:
@@ -276,17 +322,20 @@ def export_llava(module, template: str, out_dir: str) -> str:
     hf.generation_config.pad_token_id = tokenizer.pad_token_id
     hf.generation_config.max_new_tokens = run["eval"]["max_new_tokens"]  # the run's answer budget
     hf.save_pretrained(out_dir)
-    recipe = vision.preprocess
-    if getattr(recipe, "shortest_edge", None) is None or getattr(recipe, "crop", None) is None:
-        raise ExportError("the tower's preprocessing is not CLIP's shortest-edge resize + centre crop")
-    image_processor = CLIPImageProcessor(
+    recipe = encoder.preprocess
+    images = dict(
         size={"shortest_edge": recipe.shortest_edge},
         crop_size={"height": recipe.crop, "width": recipe.crop},
         image_mean=list(recipe.pixel_mean),
         image_std=list(recipe.pixel_std),
         resample=int(recipe.resample),
     )
-    processor = LlavaProcessor(
+    if tiling is None:
+        image_processor, processor_class = CLIPImageProcessor(**images), LlavaProcessor
+    else:
+        image_processor = LlavaNextImageProcessor(**images, image_grid_pinpoints=config.image_grid_pinpoints)
+        processor_class = LlavaNextProcessor
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=tower.config.patch_size,
