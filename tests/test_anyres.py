@@ -7,6 +7,7 @@ on many sizes; the wrapper takes SAM and timm towers; the config block is checke
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -252,6 +253,11 @@ def test_anyres_wraps_any_tower(tower):
     views = vision.preprocess.views(img)
     assert pixels.shape == (len(views), 3, inner.image_size, inner.image_size)
     torch.testing.assert_close(pixels[1], inner.preprocess(views[1]), rtol=0, atol=0)
+    # DataLoader workers get a copy: the recipe pickles and gives the same views and counts
+    copy = pickle.loads(pickle.dumps(vision.preprocess))
+    size = (img.height, img.width)
+    assert torch.equal(copy(img), pixels)
+    assert copy.num_image_tokens(size) == vision.num_image_tokens(size) and copy.num_tiles(size) == len(views)
     with torch.no_grad():
         tokens = vision(pixels)  # [K, N, C]
         packed = vision.pack(tokens, torch.tensor([[img.height, img.width]]), torch.zeros(inner.embed_dim))
