@@ -152,4 +152,6 @@ def _vision_chain(vision: VisionEncoder) -> str:
         f"{type(m).__name__} ({m.image_size} px in, {m.grid_size[0]} x {m.grid_size[1]} x {m.embed_dim} out)"
         for m in encoder_chain(vision)
     ]
-    return f"{vision.image_size} x {vision.image_size} px images -> " + " wrapping ".join(chain)
+    side = f"{vision.image_size} x {vision.image_size} px"
+    tiled = any(vision.num_views(size) != 1 for size in EXAMPLE_SIZES)
+    return (f"images of any size as {side} views" if tiled else f"{side} images") + " -> " + " wrapping ".join(chain)
