@@ -68,8 +68,8 @@ class VLMModule(L.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None, full_logits: bool = False):
-        # Packed rows (datamodules/packing.py) carry position_ids and go without a mask: transformers
-        # isolates their samples from the position resets only when no 2D attention mask is given.
+        # Packed rows (datamodules/packing.py) carry position_ids and go without a 2D mask: the samples are kept
+        # apart from the position resets, as `model.llm.packed_attention` says (model/attention.py).
         # The loss takes the LM head on labelled positions only (model/loss.py); `full_logits` for every one.
         position_ids = batch.get("position_ids")
         mask = batch["attention_mask"] if position_ids is None else None
