@@ -27,6 +27,9 @@ class LLMConfig:
     config: Optional[Dict[str, Any]] = None  # inline transformers config ({model_type: llama, ...}) for random init
     dtype: Optional[str] = None  # weights dtype when loading from `path` (e.g. bfloat16); None keeps float32
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; None lets transformers pick
+    # How packed rows (data.packing) keep their samples apart (model/attention.py): mask (a block-diagonal mask for
+    # SDPA / eager) | varlen (PyTorch's varlen kernel, CUDA, fp16 / bf16) | flex (FlexAttention document mask)
+    packed_attention: str = "mask"
     grad_checkpointing: bool = False
     lora: Optional[Dict[str, Any]] = None  # apply_lora's options {r, alpha, dropout, target_modules, ...}
     quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
@@ -50,6 +53,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: Optional[str] = None  # tokenizer directory; defaults to llm.path
     image_token: str = "<image>"
+    # torch.compile each LLM decoder layer and each vision-tower block (regional, model/blocks.py); generation
+    # stays eager. On a CPU it needs a C++ compiler; the console reports the compile time after the second step
+    compile: bool = False
 
 
 @dataclass
@@ -92,6 +98,9 @@ class OptimConfig:
     lr_per_part: Dict[str, float] = field(default_factory=dict)  # e.g. {llm: 2e-5}
     weight_decay: float = 0.0  # AdamW; never on biases and norm weights
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW's fused kernel (one kernel per step for all parameters, on CUDA and CPU alike); where the parameters'
+    # device has none, the multi-tensor (foreach) one. False: torch's default choice
+    fused: bool = False
     warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
     # a resumed run whose length changed (max_steps, max_epochs, world size, batch): refuse | cosine | constant

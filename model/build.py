@@ -19,6 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from encoders import BLOCK_REGISTRIES, VisionEncoder
 from encoders.weights import on_meta_device
 from foundation.schema import NAMED_BLOCKS, ConfigError, LLMConfig, ModelConfig
+from model.attention import IMPLEMENTATIONS
+from model.blocks import compile_blocks
 from model.projector import PROJECTORS
 from model.projector_weights import load_mm_projector
 from model.vlm import VisionLanguageModel
@@ -66,12 +68,14 @@ def build_llm(llm: LLMConfig | DictConfig, vocab_size: int | None = None) -> Pre
     """Any transformers causal LM, from a directory / hub id, or randomly initialised from an inline config.
 
     Args:
-        llm: the `model.llm` group: path or inline config, dtype, attention kernel, gradient
-            checkpointing, LoRA adapters (the result is then a `peft.PeftModel`, see model/lora.py),
-            QLoRA quantization (CUDA only; needs `lora`).
+        llm: the `model.llm` group: path or inline config, dtype, attention kernel (`packed_attention` varlen /
+            flex: that kernel's registered implementation, model/attention.py), gradient checkpointing, LoRA
+            adapters (the result is then a `peft.PeftModel`, see model/lora.py), QLoRA quantization (CUDA only;
+            needs `lora`).
         vocab_size: grow the embeddings to at least this size (tokens added for <image> / <pad>).
     """
-    kwargs = {"attn_implementation": llm.attn_implementation} if llm.attn_implementation else {}
+    attn = IMPLEMENTATIONS.get(llm.packed_attention, llm.attn_implementation)
+    kwargs = {"attn_implementation": attn} if attn else {}
     dtype = getattr(torch, llm.dtype) if llm.dtype else None
     quantized = llm.quantization is not None and not on_meta_device()
     if quantized:
@@ -114,4 +118,7 @@ def build_vlm(model: ModelConfig | DictConfig, tokenizer=None) -> VisionLanguage
     if model.mm_projector is not None and not on_meta_device():
         load_mm_projector(model.mm_projector, vision, projector)
     image_token_id = tokenizer.convert_tokens_to_ids(model.image_token) if tokenizer is not None else None
-    return VisionLanguageModel(vision, projector, llm, image_token_id)
+    vlm = VisionLanguageModel(vision, projector, llm, image_token_id, packed_attention=model.llm.packed_attention)
+    if model.compile and not on_meta_device():
+        compile_blocks(vlm)
+    return vlm

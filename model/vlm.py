@@ -16,6 +16,7 @@ from torch import nn
 
 from encoders import VisionEncoder, split_parts
 from foundation.stages import PARTS, STAGES
+from model.attention import PACKED_ATTENTION, packed_inputs
 from model.lora import adapter_prefix, is_lora
 from model.loss import labelled_lm_loss, labelled_only
 
@@ -30,10 +31,22 @@ class VisionLanguageModel(nn.Module):
         image_token_id: placeholder id in input_ids (N consecutive copies per image); None when the
             model is built without a tokenizer (shapes only, e.g. `describe` of a recipe whose
             tokenizer is not on this machine).
+        packed_attention: how packed rows keep their samples apart (model/attention.py): "mask" (transformers'
+            block-diagonal mask), "varlen" or "flex" (the LLM must then use that kernel's `attn_implementation`,
+            `model.attention.IMPLEMENTATIONS`, as `build_llm` sets it).
     """
 
-    def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int | None) -> None:
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        projector: nn.Module,
+        llm: nn.Module,
+        image_token_id: int | None,
+        packed_attention: str = "mask",
+    ) -> None:
         super().__init__()
+        if packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention = {packed_attention!r}; choose one of: {', '.join(PACKED_ATTENTION)}")
         self.vision = vision
         self.projector = projector
         self.llm = llm
@@ -45,6 +58,7 @@ class VisionLanguageModel(nn.Module):
             width = llm.get_input_embeddings().embedding_dim
             newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.image_newline = newline
+        self.packed_attention = packed_attention
 
     def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by part: encoder, reducer, enhancer, projector, llm (and llm_base with LoRA).
@@ -154,12 +168,16 @@ class VisionLanguageModel(nn.Module):
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
         (transformers' loss argument; VLMModule passes the global count / world size under DDP).
         `image_sizes` [M, 2]: (height, width) of each image, for a tiling tower (its views are `pixel_values`).
-        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample;
-        with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
+        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample, with
+        `attention_mask=None`; `packed_attention` keeps the samples apart (model/attention.py): a block-diagonal
+        causal mask that transformers builds from the resets, the varlen kernel's segments, or a document BlockMask.
         """
         embeds = self.embed(input_ids, pixel_values, image_sizes)
-        extra = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
-        # (transformers only looks for packed samples in position_ids when there is no KV cache)
+        extra = {}
+        if position_ids is not None:  # (transformers only looks for packed samples when there is no KV cache)
+            extra = {"position_ids": position_ids, "use_cache": False}
+            extra.update(packed_inputs(self.packed_attention, position_ids))
+            attention_mask = extra.pop("attention_mask", attention_mask)  # flex: the document mask
         if labels is not None and not full_logits and labelled_only(self.llm):
             return labelled_lm_loss(self.llm, embeds, labels, attention_mask, num_items_in_batch, **extra)
         if num_items_in_batch is not None:
@@ -167,6 +185,7 @@ class VisionLanguageModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # compiled blocks (model.compile) would recompile at every length
     def generate(
         self,
         prompt_ids: torch.Tensor,

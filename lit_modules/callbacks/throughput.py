@@ -8,6 +8,10 @@ callback list, and adds the VLM-specific split and where the time goes.
 One step's time runs from the previous `on_train_batch_end` to this one. The part of it before
 `on_train_batch_start` is "data wait": fetching the batch, plus any work other callbacks do between
 steps (a checkpoint save shows up here too). Validation time is left out.
+
+With compiled blocks (`model.compile`, model/blocks.py) `StepThroughput` also prints the compile time once: dynamo
+and inductor run inside the first step (forward and backward graphs), so the first step's compute time less the
+second's is about what compiling took.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from model.blocks import compiled_blocks
 from model.flops import StepFlops
 
 TAGS = (
@@ -77,6 +82,8 @@ class StepThroughput(L.Callback):
         self._window = self._empty()
         self._flop_model: StepFlops | None = None
         self._no_flops = False  # the FLOP model could not be built for this model
+        self._compiled = 0  # blocks compiled by model.compile
+        self._first_steps: list[float] = []  # compute seconds of the first two steps, with compiled blocks
 
     @staticmethod
     def _empty() -> dict:
@@ -87,6 +94,7 @@ class StepThroughput(L.Callback):
         # probe, and ZeRO-3 / FSDP shard the parameters whose shapes the FLOP model reads.
         if stage == "fit":
             self._has_flop_model(pl_module)
+            self._compiled = compiled_blocks(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -115,6 +123,8 @@ class StepThroughput(L.Callback):
             self._last_end = self._start
         step_time, wait = end - self._last_end, max(0.0, self._start - self._last_end)
         self._last_end = end
+        if self._compiled and len(self._first_steps) < 2:
+            self._report_compile(end - self._start)
         image, text = _token_counts(batch, getattr(getattr(pl_module, "model", None), "image_token_id", None))
         w = self._window
         w["time"] += step_time
@@ -144,6 +154,15 @@ class StepThroughput(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._window = self._empty()
+
+    def _report_compile(self, seconds: float) -> None:
+        self._first_steps.append(seconds)
+        if len(self._first_steps) == 2:
+            first, second = self._first_steps
+            rank_zero_info(
+                f"model.compile: {self._compiled} blocks compiled in about {first - second:.1f} s "
+                f"(first step {first:.1f} s, second {second:.2f} s)"
+            )
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last_end = None  # the validation loop is not data wait
