@@ -98,10 +98,7 @@ def run_commands_in_one_process(commands: list[list[str]], cwd: str = REPO) -> l
     command lines' messages and exit codes, where importing torch once per command would cost most of the time."""
     import json
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    proc = zygote.run([sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd, _env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.splitlines()[-1])
     return [

@@ -44,14 +44,16 @@ def run(request, conn, server):
     os.chdir(request["cwd"])
     os.environ.clear(); os.environ.update(request["env"])
     command = request["argv"]
-    module = command[1] if command[0] == "-m" else None
-    sys.argv = [module or command[0], *command[2 if module else 1:]]
-    if not module:
+    flag = command[0] if command[0] in ("-m", "-c") else None
+    sys.argv = [command[0] if not flag else "-c" if flag == "-c" else command[1], *command[2 if flag else 1:]]
+    if not flag:
         sys.path[0] = os.path.dirname(os.path.abspath(command[0]))
     code = 0
     try:
-        if module:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if flag == "-m":
+            runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+        elif flag == "-c":
+            exec(compile(command[1], "<string>", "exec"), {"__name__": "__main__"})
         else:
             runpy.run_path(command[0], run_name="__main__")
     except SystemExit as exit:
@@ -167,7 +169,8 @@ class ForkedProcess:
 
 
 def start(argv: list[str], cwd: str, env: dict[str, str], merge_stderr: bool = True) -> ForkedProcess:
-    """`argv` (`[python, script, *args]` or `[python, -m, module, *args]`) started as a process of its own."""
+    """`argv` (`[python, script, *args]`, `[python, -m, module, *args]` or `[python, -c, code, *args]`) started as a
+    process of its own."""
     return ForkedProcess(argv, cwd, env, merge_stderr)
 
 
