@@ -253,3 +253,13 @@ def test_a_released_model_is_evaluated_through_the_project(dirs, loaded, shapes_
         expected = module.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         assert results["shapes"]["predictions"][str(row["id"])] == expected
     assert any(results["shapes"]["predictions"].values())  # answers to compare, not only empty ones
+
+
+def test_lora_wraps_the_directory_s_llm(loaded, dirs, shapes_root, tmp_path):
+    """LoRA adapters go on the loaded weights and start as peft starts them (B = 0), not skipped by the
+    directory's no-init build."""
+    module = build_module(_config(shapes_root, tmp_path, dirs["llava"], "model.llm.lora={r: 4}"))
+    _, hf, _ = loaded["llava"]
+    q = module.model.llm.get_base_model().model.layers[0].self_attn.q_proj
+    assert torch.equal(q.base_layer.weight, hf.model.language_model.layers[0].self_attn.q_proj.weight)
+    assert not q.lora_B.default.weight.any() and q.lora_A.default.weight.std() > 0
