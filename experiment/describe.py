@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from encoders import VisionEncoder, encoder_chain
@@ -64,6 +65,11 @@ def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[
         "",
         "vision: " + _vision_chain(vision),
     ]
+    if cfg.model.from_hf is not None:  # the model section the directory gave, as the run adjusted it
+        section = yaml.safe_dump({"model": _set(OmegaConf.to_container(cfg.model, resolve=True))},
+                                 default_flow_style=None, sort_keys=False, width=116)  # fmt: skip
+        lines[-1:-1] = [f"model.from_hf: {cfg.model.from_hf} gives (with this run's overrides):",
+                        *("  " + line for line in section.splitlines()), ""]  # fmt: skip
     tokens, max_length = vision.num_tokens, cfg.data.max_length
     per_view = (
         f"{tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
@@ -108,6 +114,13 @@ def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[
     return "\n".join(lines)
 
 
+def _set(node):
+    """A config mapping without its unset (null) keys, at every depth."""
+    if isinstance(node, dict):
+        return {k: _set(v) for k, v in node.items() if v is not None}
+    return node
+
+
 def _tokenizer_if_here(cfg: DictConfig):
     """(the tokenizer, None) when it loads from this machine, else (None, why not)."""
     try:
@@ -128,6 +141,12 @@ def _where(path: str) -> str:
 
 def _sources(cfg: DictConfig, text) -> dict[str, str]:
     m = cfg.model
+    if m.from_hf is not None:  # one source for every weight
+        sources = {kind: f"{m[kind].name}: {_where(m.from_hf)}" for kind in NAMED_BLOCKS if m[kind] is not None}
+        sources["projector"] = f"{m.projector}: {_where(m.from_hf)}"
+        if m.llm.lora is not None:
+            return {**sources, "llm": "LoRA adapters: random init", "llm_base": f"{text.model_type}: {m.from_hf}"}
+        return {**sources, "llm": f"{text.model_type}: {_where(m.from_hf)}"}
     ckpt = m.encoder.get("checkpoint")
     projector_source = _where(m.mm_projector) if m.mm_projector else "random init"
     # the enhancer's weights come with the projector's (INF-LLaVA's mm_projector.bin holds both)

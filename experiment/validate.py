@@ -68,6 +68,7 @@ def validate(cfg: DictConfig) -> None:
                 )
         _check_types(block, OmegaConf.to_container(node, resolve=True), registry.hints(node.name))
 
+    _validate_from_hf(cfg.model)
     _validate_llm(cfg.model.llm)
     _validate_packed_attention(cfg)
     names = [s.name for s in cfg.eval.sets]
@@ -196,3 +197,19 @@ def _validate_packed_attention(cfg: DictConfig) -> None:
             f"trainer.precision is {precision} and model.llm.dtype {llm.dtype}: set trainer.precision: bf16-mixed, "
             f"or use {key}: flex (any dtype) or mask"
         )
+
+
+# Sources of weights that a LLaVA directory (`model.from_hf`) replaces: set with it, they are refused.
+OTHER_WEIGHTS = ("llm.path", "mm_projector", "encoder.checkpoint", "reducer", "enhancer")
+
+
+def _validate_from_hf(model: DictConfig) -> None:
+    if model.from_hf is None:
+        return
+    for key in OTHER_WEIGHTS:
+        value = OmegaConf.select(model, key)
+        if value is not None:
+            raise ConfigError(
+                f"'model.{key}' = {OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r} is "
+                f"set, but 'model.from_hf' = {model.from_hf!r} gives every weight of the model; set it to null"
+            )

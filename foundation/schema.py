@@ -51,6 +51,9 @@ class ModelConfig:
     projector: str = "mlp2x_gelu"
     mm_projector: Optional[str] = None  # LLaVA / INF-LLaVA stage-1 mm_projector.bin: projector (+ DEM) weights
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # a released transformers LLaVA / LLaVA-NeXT directory (llava-hf layout): the blocks above are built from it
+    # (under the experiment's own settings) and all weights come from it (model/llava_hf.py)
+    from_hf: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer directory; defaults to llm.path
     image_token: str = "<image>"
     # torch.compile each LLM decoder layer and each vision-tower block (regional, model/blocks.py); generation

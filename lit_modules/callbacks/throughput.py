@@ -32,6 +32,10 @@ from model.flops import StepFlops
 TAGS = (
     "throughput/image_tokens_per_sec",
     "throughput/text_tokens_per_sec",
+    # image tokens per training batch (mean and largest over the window): with a tiling (AnyRes) they vary with
+    # the images' sizes, and the largest is what the memory has to hold
+    "throughput/image_tokens_per_batch",
+    "throughput/max_image_tokens_per_batch",
     "throughput/data_wait_fraction",
     "throughput/peak_memory_gib",
 )
@@ -87,7 +91,7 @@ class StepThroughput(L.Callback):
 
     @staticmethod
     def _empty() -> dict:
-        return {"time": 0.0, "wait": 0.0, "text": 0, "image": 0}
+        return {"time": 0.0, "wait": 0.0, "text": 0, "image": 0, "batches": 0, "image_max": 0}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Before the strategy wraps the model: DeepSpeed's hooks cannot be deep-copied for the meta-device
@@ -131,13 +135,15 @@ class StepThroughput(L.Callback):
         w["wait"] += wait
         w["text"] += text
         w["image"] += image
+        w["batches"] += 1
+        w["image_max"] = max(w["image_max"], image)
         if self.keep_history:
             self.history.append(
                 {
                     "step_time": step_time,
                     "data_wait": wait,
                     "samples": len(batch.get("ids", [])),  # samples, not rows (packed rows hold several)
-                    "images": int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0,
+                    "images": _num_images(batch),
                     "text_tokens": text,
                     "image_tokens": image,
                     "flops": getattr(pl_module, "flops_per_batch", None),
@@ -145,12 +151,15 @@ class StepThroughput(L.Callback):
                 }
             )
         if (batch_idx + 1) % self.every_n_steps == 0 and w["time"] > 0:
-            metrics = dict(
-                zip(
-                    TAGS,
-                    (w["image"] / w["time"], w["text"] / w["time"], w["wait"] / w["time"], peak_memory_gib(device)),
-                )
+            values = (
+                w["image"] / w["time"],
+                w["text"] / w["time"],
+                w["image"] / w["batches"],
+                w["image_max"],
+                w["wait"] / w["time"],
+                peak_memory_gib(device),
             )
+            metrics = dict(zip(TAGS, values))
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._window = self._empty()
@@ -169,6 +178,13 @@ class StepThroughput(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last_end = None  # nor is the end-of-epoch work (so an epoch's first step counts no wait)
+
+
+def _num_images(batch: dict) -> int:
+    """Images in the batch: one row of `image_sizes` each with a tiling (whose `pixel_values` are the views)."""
+    if batch.get("image_sizes") is not None:
+        return int(batch["image_sizes"].shape[0])
+    return int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
 
 
 def _token_counts(batch: dict, image_token_id: int | None) -> tuple[int, int]:
