@@ -26,12 +26,14 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
+from datamodules.bad_records import BadRecordCap, with_bad
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, collate
 from datamodules.mixture import Mixture, MixtureDataset, resolve_counts
 from datamodules.packing import pack
 from datamodules.record_index import CheckSettings, IndexedSamples, RecordIndex, open_index
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
+from datamodules.shards import ShardDataset, shard_count
 from datamodules.templates import encode, stop_token_ids
 from foundation.schema import DataConfig, SourceConfig, source_name
 from foundation.stages import STAGES
@@ -131,6 +133,8 @@ class LLaVADataModule(L.LightningDataModule):
         self.mixture: Mixture | None = None  # data.sources: what an epoch takes from each
         self._sampler: GroupedSampler | None = None  # the training loader's (samples seen per source)
         self._seen_order: tuple[int, np.ndarray] | None = None  # (epoch, its global order's sources)
+        self.bad_cap: BadRecordCap | None = None  # shards sources: bad records met while streaming, capped
+        self._bad_state: dict | None = None  # a checkpoint's counts, for a cap set up after it was loaded
 
     def encode(self, record: dict):
         d = self.data
@@ -192,7 +196,8 @@ class LLaVADataModule(L.LightningDataModule):
         for path in dict.fromkeys(p for p in (self.data.train_json, self.data.val_json) if p):
             self._index(path)
         for source in self.data.sources:
-            self._index(source.file, source)
+            if source.file:  # shards are read as the run goes, with no index
+                self._index(source.file, source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -222,6 +227,9 @@ class LLaVADataModule(L.LightningDataModule):
         names = [source_name(s) for s in d.sources]
         train_parts, val_parts, val_names = [], [], []
         for k, source in enumerate(d.sources):
+            if source.shards:
+                self._shard_parts(source, k, names[k], train_parts, val_parts, val_names)
+                continue
             index = self._index(source.file, source)
             rows, val_rows = np.arange(len(index)), np.zeros(0, np.int64)
             if d.val_fraction > 0:
@@ -239,6 +247,11 @@ class LLaVADataModule(L.LightningDataModule):
         self.train_set = MixtureDataset(train_parts, names)
         if val_parts:
             self.val_set = MixtureDataset(val_parts, val_names)
+        streamed = {names[k]: n for k, n in enumerate(self.mixture.samples) if d.sources[k].shards}
+        if streamed:
+            self.bad_cap = BadRecordCap(streamed, d.max_bad_fraction, self._world()[0])
+            if self._bad_state is not None:
+                self.bad_cap.load_state_dict(self._bad_state)
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
         if self.trainer is None or self.trainer.is_global_zero:
@@ -248,6 +261,27 @@ class LLaVADataModule(L.LightningDataModule):
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "mixture.json"), "w") as f:
                     json.dump({"seed": self.seed, "sources": self.mixture.describe()}, f, indent=1)
+
+    def _shard_parts(self, source: SourceConfig, k: int, name: str, train_parts, val_parts, val_names) -> None:
+        """A shards source's training (and validation) rows, split as a file's are (datamodules/shards.py)."""
+        d = self.data
+        n = shard_count(source.shards)
+        rows, val_rows = np.arange(n), np.zeros(0, np.int64)
+        if d.val_fraction > 0:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + k)).numpy()
+            n_val = max(1, int(n * d.val_fraction))
+            val_rows, rows = order[:n_val], np.sort(order[n_val:])
+
+        def part(rows: np.ndarray) -> ShardDataset:
+            return ShardDataset(
+                source.shards, rows, name, self._source_encoder(source), self.transform, self.image_token_id,
+                self.image.num_tokens, d.max_length, self.image_token, self.tokenizer.pad_token_id,
+            )  # fmt: skip
+
+        train_parts.append(part(rows))
+        if len(val_rows):
+            val_parts.append(part(val_rows))
+            val_names.append(name)
 
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -294,8 +328,10 @@ class LLaVADataModule(L.LightningDataModule):
 
     def _collate_fn(self, train: bool):
         if train and self.data.packing:
-            return functools.partial(pack, max_length=self.data.max_length, pad_id=self.tokenizer.pad_token_id)
-        return functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+            fn = functools.partial(pack, max_length=self.data.max_length, pad_id=self.tokenizer.pad_token_id)
+        else:
+            fn = functools.partial(collate, pad_id=self.tokenizer.pad_token_id)
+        return functools.partial(with_bad, fn) if self.bad_cap is not None else fn
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.data.batch_size, train=True)
@@ -321,6 +357,8 @@ class LLaVADataModule(L.LightningDataModule):
             if batches.is_last_batch and done >= self.trainer.num_training_batches:
                 epoch, done = epoch + 1, 0
         state = {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
+        if self.bad_cap is not None:
+            state["bad_records"] = self.bad_cap.state_dict()
         # The epoch's size: a resume onto other data says so (its order is another one).
         return dict(state, epoch_samples=self._epoch_samples()) if self.train_set is not None else state
 
@@ -329,6 +367,9 @@ class LLaVADataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         world, rank = self._world()
+        self._bad_state = state.get("bad_records")
+        if self._bad_state is not None and self.bad_cap is not None:
+            self.bad_cap.load_state_dict(self._bad_state)
         if "position" in state:
             self._resume = (state["epoch"], state["position"], state["global_batch"])
         else:  # a checkpoint from before positions were global: samples per rank, on this world size
@@ -373,6 +414,8 @@ class LLaVADataModule(L.LightningDataModule):
         # A mixture's samples per source up to this step (data/samples/<source>), from the epoch's order and the
         # position alone: what every rank together trained on, with no communication.
         trainer = self.trainer
+        if self.bad_cap is not None and trainer is not None and trainer.training and batch.get("bad"):
+            self._count_bad(batch["bad"])
         if self.mixture is None or trainer is None or not trainer.training or self._sampler is None:
             return batch
         step = trainer.global_step
@@ -389,6 +432,14 @@ class LLaVADataModule(L.LightningDataModule):
         seen = self.mixture.seen(epoch, self._seen_order[1][:position])
         trainer.logger.log_metrics({f"data/samples/{name}": float(n) for name, n in seen.items()}, step=step)
         return batch
+
+    def _count_bad(self, bad: list[dict]) -> None:
+        """A training batch's bad streamed records: counted, capped (datamodules/bad_records.py), logged."""
+        trainer = self.trainer
+        self.bad_cap.observe(bad, trainer.current_epoch)
+        if trainer.is_global_zero and trainer.logger is not None:
+            counts = {f"data/bad_records/{name}": float(n) for name, n in self.bad_cap.total.items()}
+            trainer.logger.log_metrics(counts, step=trainer.global_step)
 
 
 def _encode(tokenizer, template: str, system: str | None, image_first: bool, image_token: str, record: dict):

@@ -93,6 +93,8 @@ def validate(cfg: DictConfig) -> None:
             "set 'data.train_json' (LLaVA-format JSON), 'data.sources' (a mixture) or 'data.builtin' (generated data)"
         )
     _validate_sources(data)
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"'data.max_bad_fraction' must be in [0, 1], got {data.max_bad_fraction}")
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
 
@@ -130,8 +132,16 @@ def _validate_sources(data: DictConfig) -> None:
     names = [source_name(s) for s in data.sources]
     for k, source in enumerate(data.sources):
         key, name = f"data.sources[{k}]", names[k]
-        if not source.file:
-            raise ConfigError(f"'{key}.file' is required (source {name!r}): a LLaVA-format JSON or JSONL file")
+        if bool(source.file) == bool(source.shards):
+            raise ConfigError(
+                f"give one of '{key}.file' (a LLaVA-format JSON or JSONL file) and '{key}.shards' (litdata shards, "
+                f"python -m tools.write_shards) for source {name!r}"
+            )
+        if source.shards and data.group_by_length:
+            raise ConfigError(
+                f"source {name!r} ({key}.shards) cannot be grouped by length: its token lengths are known only once "
+                f"a record is read; set data.group_by_length=false"
+            )
         given = [a for a in AMOUNTS if source[a] is not None]
         if len(given) > 1:
             raise ConfigError(f"source {name!r} ({key}) sets {' and '.join(given)}; give one of {', '.join(AMOUNTS)}")

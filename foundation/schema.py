@@ -78,6 +78,9 @@ class SourceConfig:
     `num_samples`; none: repeat 1."""
 
     file: str = ""
+    # litdata shards (a folder or an object-storage URL; python -m tools.write_shards) instead of `file`:
+    # read as the run goes, records checked as they are read (datamodules/shards.py)
+    shards: Optional[str] = None
     name: Optional[str] = None  # logged as data/samples/<name>; None: the file's name without its extension
     image_folder: Optional[str] = None  # None: data.image_folder
     weight: Optional[float] = None
@@ -88,8 +91,8 @@ class SourceConfig:
 
 
 def source_name(source) -> str:
-    """A source's name: `name`, else its file's name without the extension."""
-    return source.name or source.file.rsplit("/", 1)[-1].split(".", 1)[0]
+    """A source's name: `name`, else its file's (or shards folder's) name without the extension."""
+    return source.name or (source.file or source.shards or "").rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 @dataclass
@@ -115,6 +118,9 @@ class DataConfig:
     group_by_length: bool = False  # batches grouped by modality and length (LLaVA's modality_length_grouped)
     packing: bool = False  # pack training samples into rows of max_length (datamodules/packing.py)
     on_error: str = "raise"  # raise | skip (bad records and unreadable images are dropped and counted)
+    # A shards source's records are checked as they are read: bad ones are skipped and counted, up to this
+    # fraction of the samples an epoch takes from the source; above it the run stops naming the record
+    max_bad_fraction: float = 0.001
     images_outside_folder: bool = False  # allow record image paths that resolve outside image_folder
     # The record index of each data file (offsets, token counts, check verdicts; datamodules/record_index.py):
     # None keeps it in .vlm_index/ beside the file, or in ~/.cache/vlm-lab/index when that is not writable.
