@@ -55,7 +55,10 @@ def check_files(cfg: DictConfig) -> None:
         _need("data.val_json", d.val_json, "validation data file")
         _need("data.image_folder", d.image_folder, "image folder")
         for k, source in enumerate(d.sources):
-            _need(f"data.sources[{k}].file", source.file, "training data file")
+            if source.shards is None:
+                _need(f"data.sources[{k}].file", source.file, "training data file")
+            elif "://" not in source.shards:  # object storage is reached when the run reads it
+                _need(f"data.sources[{k}].shards", source.shards, "shards folder")
             _need(f"data.sources[{k}].image_folder", source.image_folder, "image folder")
     tokenizer_key, tokenizer = tokenizer_source(cfg)
     if tokenizer_key != "data.builtin":  # the built-in tokenizer is written with the data, after this check

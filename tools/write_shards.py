@@ -4,13 +4,15 @@
     python -m tools.write_shards --data pretrain.jsonl --image-folder images --out s3://bucket/pretrain --workers 8
 
 Each shard item is one record: `record` (the record's JSON, conversations as in the file) and `image` (the image
-file's bytes as stored, JPEG / PNG / ..., not decoded; b"" for a text-only record). With --workers 1 shard item k
-is the file's record k; several workers each write a share, and the items follow the workers' order. Records are not checked against a tokenizer or template here
-(those belong to the run, which checks each record as it reads it, datamodules/shards.py); what this tool refuses
-is what no run could read: a file that is not LLaVA JSON / JSONL, a record that is not an object, and an image that
-is missing or outside the image folder (`--images-outside-folder` allows that), each named.
---out is a folder or an object-storage URL (litdata uploads the chunks); an existing one is refused unless
---overwrite.
+file's bytes as stored, JPEG / PNG / ..., not decoded; b"" for a text-only record). With --workers 1 (into a local
+folder) shard item k is the file's record k; with several workers, or an object-storage --out, litdata's `optimize`
+writes them, each worker a share, and the items follow the workers' order.
+
+Records are not checked against a tokenizer or template here: that belongs to the run, which checks each record as
+it reads it (datamodules/shards.py). What this tool refuses is what no run could read, each named: a file that is
+not LLaVA JSON / JSONL, a record that is not an object, an image missing or outside the image folder
+(`--images-outside-folder` allows that). --out is a folder or an object-storage URL (litdata uploads the chunks);
+one that already holds shards is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from foundation.errors import UserError, needs_extra, run_command
 
 with needs_extra("stream", "tools.write_shards", command=__name__ == "__main__"):
     import litdata
+    from litdata.streaming.writer import BinaryWriter
 
 
 def read_records(path: str) -> list:
@@ -73,6 +76,20 @@ def shard_item(job: tuple[int, dict, str | None]) -> dict:
     return {"record": json.dumps(record, ensure_ascii=False), "image": data}
 
 
+def write_here(jobs: list, out: str, chunk_bytes: str) -> None:
+    """One process, in the file's order, into a local folder: litdata's writer without `optimize`'s worker
+    processes (which cost seconds to start; the chunks and index.json are the same format)."""
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # a previous set (--overwrite): its chunks would otherwise stay beside the new
+        if name.endswith(".bin") or name.endswith("index.json"):
+            os.remove(os.path.join(out, name))
+    writer = BinaryWriter(out, chunk_bytes=chunk_bytes)
+    for k, job in enumerate(jobs):
+        writer[k] = shard_item(job)
+    writer.done()
+    writer.merge()
+
+
 def write_shards(
     data: str,
     out: str,
@@ -91,15 +108,18 @@ def write_shards(
     local = "://" not in out
     if local and os.path.exists(os.path.join(out, "index.json")) and not overwrite:
         raise UserError(f"{out} already holds shards; pass --overwrite to replace them")
-    litdata.optimize(
-        fn=shard_item,
-        inputs=jobs,
-        output_dir=os.path.abspath(out) if local else out,
-        chunk_bytes=chunk_bytes,
-        num_workers=max(1, workers),
-        mode="overwrite" if overwrite else None,
-        verbose=False,
-    )
+    if local and workers <= 1:
+        write_here(jobs, out, chunk_bytes)
+    else:
+        litdata.optimize(
+            fn=shard_item,
+            inputs=jobs,
+            output_dir=os.path.abspath(out) if local else out,
+            chunk_bytes=chunk_bytes,
+            num_workers=max(1, workers),
+            mode="overwrite" if overwrite else None,
+            verbose=False,
+        )
     return len(records)
 
 
