@@ -56,8 +56,9 @@ class BadRecordCap:
             self.reasons[(source, entry["reason"])] += 1
             allowed = self.allowed.get(source, 0)
             if self.this_epoch[source] > allowed:
+                n = self.this_epoch[source]
                 raise DataError(
-                    f"{entry['message']}; that is {self.this_epoch[source]} bad records of source {source!r} this "
+                    f"{entry['message']}; that is {n} bad record{'s' * (n != 1)} of source {source!r} this "
                     f"epoch, more than data.max_bad_fraction {self.max_fraction} allows ({allowed} on this rank): "
                     f"fix or rewrite the shards, or raise data.max_bad_fraction"
                 )

@@ -226,3 +226,15 @@ def test_a_mixture_with_shards_resumes_from_a_checkpoint_exactly(tiny_cfg, shape
     assert max(resumed_bad.values()) == met  # counted on from the checkpoint's count, not from 0
     seen = scalars(str(runs / "full"), "data/samples/web")
     assert seen and max(seen.values()) > 0
+
+
+def test_a_run_above_the_cap_stops_naming_the_source_and_the_record(tiny_cfg, shapes_root, tmp_path):
+    bad_shards = str(tmp_path / "bad_shards")
+    write_shards(write_bad_file(shapes_root, tmp_path), bad_shards, str(tmp_path), workers=1)
+    spec = f"[{{shards: {bad_shards}, name: web}}]"
+    cfg = tiny_cfg("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
+                   f"data.sources={spec}", "data.batch_size=4", "data.max_bad_fraction=0.05",
+                   "trainer.limit_val_batches=0", "logging.run_name=capped")  # fmt: skip
+    # 0.05 of 11 samples: none allowed, so the first bad record the run meets stops it
+    with pytest.raises(DataError, match=r"source 'web' \(.*bad_shards\): record '[a-z-]+' \(shard item \d+\): .*1 bad"):
+        fit(cfg)
