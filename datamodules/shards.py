@@ -1,7 +1,7 @@
 """A mixture source read from litdata shards (`data.sources[k].shards`), written by `python -m tools.write_shards`.
 
-Each shard item is one LLaVA record: `record` (its JSON text, conversations as in the file) and `image` (the image
-file's bytes as stored, JPEG / PNG, or b"" for a text-only record). The shards may be a local folder or an
+Each shard item is one LLaVA record, a pair of bytes: its JSON (UTF-8, conversations as in the file) and the image
+file's bytes as stored (JPEG / PNG; b"" for a text-only record). The shards may be a local folder or an
 object-storage URL (s3://, gs://, ...): litdata's `StreamingDataset` downloads the chunk an item lies in and keeps
 it in its local cache.
 
@@ -141,8 +141,8 @@ class ShardDataset(Dataset):
         rid = f"#{row}"
         try:
             try:
-                raw = self._read(row)
-                rec, data = json.loads(raw["record"]), raw["image"]
+                text, data = self._read(row)  # memoryviews into litdata's map of the chunk: copied
+                rec, data = json.loads(bytes(text)), bytes(data)
             except Exception as err:  # litdata raises many kinds for a damaged chunk; each is this record's fault
                 if type(err).__name__ == "ChunkWaitTimeoutError":  # the chunk never arrived: no record is readable
                     raise ShardUnavailable(f"source {self.name!r} ({self.path}): shard item {row}: {err}") from None

@@ -50,11 +50,11 @@ def test_the_shards_hold_the_records_and_the_image_files_bytes(shapes_root, shar
     stream = litdata.StreamingDataset(shards)
     assert len(stream) == len(records) == 51
     for k in (0, 7, 20, 50):
-        item = stream[k]
-        assert json.loads(item["record"]) == records[k]
+        text, data = stream[k]
+        assert json.loads(bytes(text)) == records[k]
         image = records[k].get("image")
         expected = open(os.path.join(shapes_root, image), "rb").read() if image else b""
-        assert item["image"] == expected  # encoded bytes as stored (PNG here), not decoded pixels
+        assert data == expected  # encoded bytes as stored (PNG here), not decoded pixels
 
 
 def test_a_shards_source_gives_the_json_sources_samples_and_batches(tokenizer, shapes_root, shards):
