@@ -169,6 +169,26 @@ def test_invalid_shards_sources_name_the_source(tiny_cfg, shapes_root, shards, s
         tiny_cfg("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.sources={spec}", *extra)
 
 
+def test_max_bad_fraction_is_a_fraction(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"'data.max_bad_fraction' must be in \[0, 1\], got 2.0"):
+        tiny_cfg("data.max_bad_fraction=2")
+
+
+@pytest.mark.slow  # litdata's optimize starts its worker processes (10-40 s on 2 shared cores)
+def test_several_writers_hold_every_record_once(shapes_root, tmp_path):
+    records = json.load(open(os.path.join(shapes_root, "sft_train.json")))
+    out = str(tmp_path / "shards")
+    write_shards(os.path.join(shapes_root, "sft_train.json"), out, shapes_root, chunk_bytes="8KB", workers=2)
+    stream = litdata.StreamingDataset(out)
+    items = [stream[k] for k in range(len(stream))]
+    written = sorted(json.loads(bytes(text))["id"] for text, _ in items)
+    assert written == sorted(r["id"] for r in records)  # each once, in the workers' order
+    by_id = {r["id"]: r for r in records}
+    for text, data in items[:5]:
+        image = by_id[json.loads(bytes(text))["id"]].get("image")
+        assert bytes(data) == (open(os.path.join(shapes_root, image), "rb").read() if image else b"")
+
+
 def test_write_shards_names_a_missing_image(shapes_root, tmp_path, capsys):
     records = json.load(open(os.path.join(shapes_root, "sft_train.json")))[:3]
     records[2]["image"] = "images/nowhere.png"
