@@ -27,6 +27,10 @@ def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:
         "compare": (["-m", "tools.compare", missing], "not a run directory"),
         "lmms_eval": (["-m", "tools.lmms_eval", "--model_args", f"run={missing}", "--tasks", "mme"], not_a_run),
         "train": (["train.py", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+        "write_shards": (
+            ["-m", "tools.write_shards", "--data", os.path.join(tmp, "none.json"), "--out", os.path.join(tmp, "s")],
+            "data file not found",
+        ),
         "predict refused checkpoint": (
             ["-m", "tools.predict", os.path.join(tmp, "pickled.ckpt"), "--question", "What color?"],
             "refused: it holds objects other than tensors",
