@@ -3,8 +3,9 @@
 A record is `{"id", "image"?: path relative to the image folder, "conversations": [{"from": "human" |
 "gpt", "value"}, ...]}` with `<image>` in a human turn when there is an image. Records are checked when
 the DataModule is set up (structure, placeholder count, image file present, template, length), so a
-bad record fails in seconds, not hours into an epoch. With `on_error="skip"` bad records are dropped
-and counted instead; images that turn out unreadable when loaded are skipped (and counted) the same way.
+bad record fails in seconds, not hours into an epoch; the verdicts are kept in the file's record index
+(datamodules/record_index.py), so a second start does not check again. With `on_error="skip"` bad records
+are dropped and counted instead; images that turn out unreadable when loaded are skipped (and counted) the same way.
 """
 
 from __future__ import annotations
@@ -12,40 +13,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+import stat
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.images import load_image
-from datamodules.templates import IGNORE_INDEX, Encoded, TemplateError
-from foundation.errors import UserError
+from datamodules.json_scan import DataError, not_utf8
+from datamodules.templates import IGNORE_INDEX, Encoded
+
+__all__ = ["DataError", "ImagePaths", "LLaVADataset", "Sample", "check_record", "collate", "load_records"]
 
 log = logging.getLogger(__name__)
-
-
-class DataError(UserError):
-    """A bad record or image; the message names the file and the record id."""
 
 
 @dataclass
 class Sample:
     record: dict
-    index: int
+    index: int  # the record's number in its file
     length: int  # tokens after image expansion
     has_image: bool
 
 
-@dataclass
-class CheckedRecords:
-    samples: list[Sample]
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-    duplicate_ids: list[str] = field(default_factory=list)  # ids seen before in the file (records kept)
-
-
 def load_records(json_path: str) -> list[dict]:
+    """A whole JSON list of records in memory (prediction inputs, benchmark files); training data is read
+    through its record index instead (datamodules/record_index.py)."""
     if not os.path.exists(json_path):
         raise DataError(f"data file not found: {json_path}")
     try:
@@ -54,72 +49,71 @@ def load_records(json_path: str) -> list[dict]:
     except json.JSONDecodeError as err:
         raise DataError(f"{json_path}: not valid JSON: {err}") from None
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{json_path}: not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}); JSON files must "
-            f"be UTF-8: re-encode it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
+        raise not_utf8(json_path, err, 0) from None
     if not isinstance(records, list):
         raise DataError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
     return records
 
 
-def check_records(
-    records: list[dict],
-    json_path: str,
-    image_folder: str | None,
-    encode_fn: Callable[[dict], Encoded],
+def reason_key(message: str) -> str:
+    """What skipped records are counted by: a message's head ("missing image file", "too long", ...)."""
+    return message.split(":")[0].split("(")[0].strip()
+
+
+class ImagePaths:
+    """`image_folder`/`image`, refused when it resolves (`..`, absolute paths, symlinks) outside the folder:
+    a record must not make the run read arbitrary files (`data.images_outside_folder: true` allows it). The
+    resolved folder of each directory is kept, so a record costs one `lstat` (not a `realpath` per record).
+
+    Args:
+        image_folder: the folder record paths are relative to.
+        outside_allowed: `data.images_outside_folder`.
+    """
+
+    def __init__(self, image_folder: str, outside_allowed: bool = False) -> None:
+        self.folder, self.outside_allowed = image_folder, outside_allowed
+        self.real_folder = os.path.realpath(image_folder)
+        self.dirs: dict[str, str] = {}
+
+    def check(self, image: str) -> str:
+        """The image's path; DataError when it is outside the folder or not a file."""
+        path = os.path.join(self.folder, image)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if not self.outside_allowed:
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                real = os.path.realpath(path)
+            else:
+                head, tail = os.path.split(path)
+                if head not in self.dirs:
+                    self.dirs[head] = os.path.realpath(head)
+                real = os.path.join(self.dirs[head], tail)
+            real = os.path.normpath(real)
+            if real != self.real_folder and not real.startswith(self.real_folder.rstrip(os.sep) + os.sep):
+                raise DataError(
+                    f"image path {image!r} resolves outside data.image_folder {self.folder} "
+                    f"(set data.images_outside_folder=true to allow it)"
+                )
+        if st is None or not (stat.S_ISREG(st.st_mode) or os.path.isfile(path)):
+            raise DataError(f"missing image file: {path}")
+        return path
+
+
+def check_record(
+    rec,
+    images: ImagePaths | None,
+    count: Callable[[dict], tuple[int, bool]],
     num_image_tokens: int,
     max_length: int,
     image_token: str,
-    on_error: str,
-    images_outside_folder: bool = False,
-) -> CheckedRecords:
-    """Check every record up front; raise on the first bad one, or skip and count (on_error="skip").
-    Duplicate ids are kept, counted and warned about (evaluation outputs keyed by id would collide)."""
-    out = CheckedRecords([])
-    seen: set = set()
-    for index, rec in enumerate(records):
-        rid = rec.get("id", f"#{index}") if isinstance(rec, dict) else f"#{index}"
-        if isinstance(rec, dict) and "id" in rec:
-            if str(rec["id"]) in seen:
-                out.duplicate_ids.append(str(rec["id"]))
-            seen.add(str(rec["id"]))
-        try:
-            length, has_image = _check(
-                rec, image_folder, encode_fn, num_image_tokens, max_length, image_token, images_outside_folder
-            )
-        except (DataError, TemplateError) as err:
-            reason = str(err)
-            if on_error == "raise":
-                raise DataError(f"{json_path}: record {rid!r}: {reason}") from None
-            key = reason.split(":")[0].split("(")[0].strip()
-            out.skipped[key] = out.skipped.get(key, 0) + 1
-            log.warning("skipping %s record %r: %s", json_path, rid, reason)
-            continue
-        out.samples.append(Sample(rec, index, length, has_image))
-    if out.duplicate_ids:
-        shown = ", ".join(repr(i) for i in out.duplicate_ids[:5])
-        log.warning("%s: %d duplicate record ids (kept): %s", json_path, len(out.duplicate_ids), shown)
-    return out
-
-
-def image_path(image_folder: str, image: str, outside_allowed: bool = False) -> str:
-    """`image_folder`/`image`, refused when it resolves (`..`, absolute paths, symlinks) outside the folder:
-    a record must not make the run read arbitrary files (`data.images_outside_folder: true` allows it)."""
-    path = os.path.join(image_folder, image)
-    if not outside_allowed:
-        folder = os.path.realpath(image_folder)
-        if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
-            raise DataError(
-                f"image path {image!r} resolves outside data.image_folder {image_folder} "
-                f"(set data.images_outside_folder=true to allow it)"
-            )
-    return path
-
-
-def _check(
-    rec, image_folder, encode_fn, num_image_tokens, max_length, image_token, images_outside_folder
 ) -> tuple[int, bool]:
+    """A record's (tokens after image expansion, has an image), or DataError / TemplateError saying why it is
+    unusable. `count(record)` gives (ids before expansion, whether any of them is an answer token).
+
+    The checks, in this order: the record's structure, placeholders against images, the image file, the
+    template (turn order, empty answers), the length, and that something is left to learn."""
     if not isinstance(rec, dict):
         raise DataError("record is not a JSON object")
     image = rec.get("image")
@@ -140,21 +134,19 @@ def _check(
             f"{int(has_image)} image(s) in the record"
         )
     if has_image:
-        if image_folder is None:
+        if images is None:
             raise DataError("record has an image but data.image_folder is not set")
-        path = image_path(image_folder, rec["image"], images_outside_folder)
-        if not os.path.isfile(path):
-            raise DataError(f"missing image file: {path}")
+        images.check(rec["image"])
         if any(image_token in str(t.get("value", "")) for t in turns[1::2]):
             raise DataError(f"{image_token} appears in a gpt turn; it belongs in a human turn")
-    enc = encode_fn(rec)
-    length = len(enc.input_ids) + (num_image_tokens - 1) * int(has_image)
+    ids, has_answer = count(rec)
+    length = ids + (num_image_tokens - 1) * int(has_image)
     if length > max_length:
         raise DataError(
             f"too long: {length} tokens (with {num_image_tokens * has_image} image tokens) > "
             f"max_length {max_length}; raise data.max_length or skip it (data.on_error=skip)"
         )
-    if all(label == IGNORE_INDEX for label in enc.labels):
+    if not has_answer:
         raise DataError("no answer tokens to learn")
     return length, has_image
 
@@ -163,7 +155,8 @@ class LLaVADataset(Dataset):
     """Checked samples -> dicts of tensors; the image placeholder id is expanded to N image tokens.
 
     Args:
-        samples: records that passed `check_records`.
+        samples: records that passed `check_record`: a list of `Sample`, or `record_index.IndexedSamples`,
+            which reads each record from its file by its offset when it is asked for.
         json_path: the records' file, for error messages.
         image_folder: folder that record image paths are relative to.
         encode_fn: record -> `Encoded` (template + tokenizer).
@@ -175,7 +168,7 @@ class LLaVADataset(Dataset):
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: Sequence[Sample],
         json_path: str,
         image_folder: str | None,
         encode_fn: Callable[[dict], Encoded],
@@ -289,4 +282,5 @@ def per_sample_fields(items: list[dict]) -> dict:
         "ids": [x["id"] for x in items],
         "answers": [x["answer"] for x in items],
         "questions": [x["question"] for x in items],
+        "sources": [x.get("source") for x in items],  # a mixture's source names (datamodules/mixture.py), or None
     }

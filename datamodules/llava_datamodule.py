@@ -8,7 +8,9 @@ on assistant turns only, text-only records allowed. `data.template` names anothe
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
+import json
 import logging
 import math
 import multiprocessing
@@ -19,16 +21,19 @@ import warnings
 from collections import Counter
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from datamodules.images import ImageSpec
-from datamodules.llava_data import LLaVADataset, Sample, check_records, collate, load_records
+from datamodules.llava_data import LLaVADataset, collate
+from datamodules.mixture import Mixture, MixtureDataset, resolve_counts
 from datamodules.packing import pack
+from datamodules.record_index import CheckSettings, IndexedSamples, RecordIndex, open_index
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
 from datamodules.templates import encode, stop_token_ids
-from foundation.schema import DataConfig
+from foundation.schema import DataConfig, SourceConfig, source_name
 from foundation.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -42,11 +47,27 @@ def init_worker(worker_id: int, rank: int) -> None:
     """A DataLoader worker ignores SIGTERM: a scheduler (SLURM) signals every process of a job, and a worker
     killed by it fails the training process's next fetch ("DataLoader worker ... is killed by signal") before
     that process can save and exit 143 (lit_modules/callbacks/checkpointing.py); the workers end with it.
-    Then Lightning's worker seeding (`seed_everything(workers=True)`), which it adds only to loaders without an
-    init function."""
+    Freed memory goes back to the system (`_return_freed_memory`). Then Lightning's worker seeding
+    (`seed_everything(workers=True)`), which it adds only to loaders without an init function."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _return_freed_memory()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank=rank)
+
+
+def _return_freed_memory() -> None:
+    """glibc's malloc raises its mmap threshold (up to 32 MiB) after the first large free, after which a worker's
+    decoded images and pixel tensors (about 1 MB each) come from its heap and stay there once freed: 4 workers held
+    about 170 MB more at 336 px and batch 16 (bench/bench_data_scale.py). A fixed threshold gives them back."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def _kill_leftover_workers() -> None:
@@ -73,8 +94,10 @@ class LLaVADataModule(L.LightningDataModule):
 
     Args:
         tokenizer: the LLM's tokenizer, with the image placeholder and a pad token (see `load_tokenizer`).
-        data: the `data` group with `train_json` (and `image_folder`, `val_json`) set; every option
-            is documented in foundation/schema.py `DataConfig`. `data.template=None` takes the stage's
+        data: the `data` group with `train_json` (and `image_folder`, `val_json`) or `sources` (a mixture,
+            datamodules/mixture.py) set; every option is documented in foundation/schema.py `DataConfig`. Each
+            file is read through its record index (datamodules/record_index.py), built in `prepare_data` (once per
+            node) or, when that did not run, in `setup`. `data.template=None` takes the stage's
             `default_template` (foundation/stages.py). With `data.packing`, each training batch's samples
             share rows of up to `max_length` tokens, kept apart by position ids (datamodules/packing.py);
             `batch_size` still counts samples and validation batches stay one sample per row.
@@ -88,11 +111,12 @@ class LLaVADataModule(L.LightningDataModule):
         self, tokenizer, data: DataConfig, image: ImageSpec, *, stage: str, seed: int = 0, image_token: str = "<image>"
     ):
         super().__init__()
-        if data.train_json is None:
-            raise ValueError("the DataModule needs data.train_json (built-in data: datamodules.builtin_data)")
+        if data.train_json is None and not data.sources:
+            raise ValueError("the DataModule needs data.train_json or data.sources (built-in data: builtin_data)")
         self.tokenizer = tokenizer
         self.data = data
         self.image = image
+        self.stage = stage
         self.template = STAGES.get(stage).template(data.template)
         self.seed = seed
         self.image_token = image_token
@@ -103,6 +127,10 @@ class LLaVADataModule(L.LightningDataModule):
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, its global batch): checkpoint
         self.train_set = self.val_set = None
+        self._indexes: dict[tuple, RecordIndex] = {}
+        self.mixture: Mixture | None = None  # data.sources: what an epoch takes from each
+        self._sampler: GroupedSampler | None = None  # the training loader's (samples seen per source)
+        self._seen_order: tuple[int, np.ndarray] | None = None  # (epoch, its global order's sources)
 
     def encode(self, record: dict):
         d = self.data
@@ -110,62 +138,132 @@ class LLaVADataModule(L.LightningDataModule):
             self.tokenizer, record["conversations"], self.template, d.system_prompt, d.image_first, self.image_token
         )
 
-    def _check(self, records: list[dict], path: str) -> list[Sample]:
+    def _source_encoder(self, source: SourceConfig):
+        """Record -> Encoded under the source's own template and system prompt (the data group's by default)."""
         d = self.data
-        checked = check_records(
-            records,
-            path,
-            d.image_folder,
-            self.encode,
-            self.image.num_tokens,
-            d.max_length,
-            self.image_token,
-            d.on_error,
-            d.images_outside_folder,
-        )
-        self.skipped.update(checked.skipped)
-        self.duplicate_ids += len(checked.duplicate_ids)
-        if not checked.samples:
-            raise ValueError(f"{path}: no usable records (skipped: {dict(checked.skipped)})")
-        return checked.samples
+        template = STAGES.get(self.stage).template(source.template or d.template)
+        system = d.system_prompt if source.system_prompt is None else source.system_prompt
+        return functools.partial(_encode, self.tokenizer, template, system, d.image_first, self.image_token)
 
-    def _dataset(self, samples: list[Sample], path: str) -> LLaVADataset:
+    def _index(self, path: str, source: SourceConfig | None = None) -> RecordIndex:
         d = self.data
+        folder = source.image_folder or d.image_folder if source else d.image_folder
+        settings = CheckSettings(
+            template=STAGES.get(self.stage).template(source.template or d.template) if source else self.template,
+            system_prompt=source.system_prompt if source and source.system_prompt is not None else d.system_prompt,
+            image_first=d.image_first,
+            image_token=self.image_token,
+            num_image_tokens=self.image.num_tokens,
+            max_length=d.max_length,
+            image_folder=os.path.abspath(folder) if folder else None,
+            images_outside_folder=d.images_outside_folder,
+        )
+        key = (path, settings)
+        if key not in self._indexes:  # prepare_data's, reused by setup in the same process
+            self._indexes[key] = open_index(path, settings, self.tokenizer, d.index_dir, d.index_workers)
+        return self._indexes[key]
+
+    def _samples(self, index: RecordIndex, rows: np.ndarray) -> IndexedSamples:
+        """The usable records of `rows`, with `data.on_error` applied to the index's verdicts."""
+        usable, skipped = index.usable(rows, self.data.on_error, log)
+        self.skipped.update(skipped)
+        duplicates, shown = index.duplicates(rows)
+        if duplicates:  # kept, counted and warned about (evaluation outputs keyed by id would collide)
+            log.warning("%s: %d duplicate record ids (kept): %s", index.path, duplicates, ", ".join(map(repr, shown)))
+        self.duplicate_ids += duplicates
+        if not len(usable):
+            raise ValueError(f"{index.path}: no usable records (skipped: {skipped})")
+        return IndexedSamples(index, usable)
+
+    def _dataset(self, samples: IndexedSamples, path: str, source: SourceConfig | None = None) -> LLaVADataset:
+        d = self.data
+        folder, encode_fn = (
+            (source.image_folder or d.image_folder, self._source_encoder(source))
+            if source
+            else (d.image_folder, self.encode)
+        )
         return LLaVADataset(
-            samples, path, d.image_folder, self.encode, self.transform, self.image_token_id, self.image.num_tokens,
-            d.on_error,
-        )  # fmt: skip
+            samples, path, folder, encode_fn, self.transform, self.image_token_id, self.image.num_tokens, d.on_error
+        )
+
+    def prepare_data(self) -> None:
+        # Lightning runs this once per node, before `setup` on every rank: the indexes are built here, with every
+        # core, and the ranks map them in `setup` (which also builds them when called alone, as in tests).
+        for path in dict.fromkeys(p for p in (self.data.train_json, self.data.val_json) if p):
+            self._index(path)
+        for source in self.data.sources:
+            self._index(source.file, source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        if self.data.sources:
+            return self._setup_mixture()
         d = self.data
-        records = load_records(d.train_json)
-        val_records = load_records(d.val_json) if d.val_json else []
-        if not val_records and d.val_fraction > 0:
-            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            n_val = max(1, int(len(records) * d.val_fraction))
-            val_records = [records[i] for i in order[:n_val]]
-            records = [records[i] for i in sorted(order[n_val:])]
-        self.train_set = self._dataset(self._check(records, d.train_json), d.train_json)
-        if val_records:
-            val_path = d.val_json or d.train_json
-            self.val_set = self._dataset(self._check(val_records, val_path), val_path)
+        train = self._index(d.train_json)
+        rows = np.arange(len(train))
+        val, val_rows = (self._index(d.val_json), None) if d.val_json else (None, None)
+        if val is not None:
+            val_rows = np.arange(len(val))
+        if (val is None or not len(val_rows)) and d.val_fraction > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).numpy()
+            n_val = max(1, int(len(train) * d.val_fraction))
+            val, val_rows, rows = train, order[:n_val], np.sort(order[n_val:])
+        self.train_set = self._dataset(self._samples(train, rows), d.train_json)
+        if val is not None and len(val_rows):
+            self.val_set = self._dataset(self._samples(val, val_rows), val.path)
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
+
+    def _setup_mixture(self) -> None:
+        """data.sources: each source indexed and checked with its own template; the epoch's counts resolved, printed
+        and saved with the run (mixture.json); validation on each source's `data.val_fraction`, together."""
+        d = self.data
+        names = [source_name(s) for s in d.sources]
+        train_parts, val_parts, val_names = [], [], []
+        for k, source in enumerate(d.sources):
+            index = self._index(source.file, source)
+            rows, val_rows = np.arange(len(index)), np.zeros(0, np.int64)
+            if d.val_fraction > 0:
+                order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + k)).numpy()
+                n_val = max(1, int(len(index) * d.val_fraction))
+                val_rows, rows = order[:n_val], np.sort(order[n_val:])
+            train_parts.append(self._dataset(self._samples(index, rows), source.file, source))
+            if len(val_rows):
+                val_parts.append(self._dataset(self._samples(index, val_rows), source.file, source))
+                val_names.append(names[k])
+        amounts = ("weight", "repeat", "num_samples")
+        how = [next(((a, getattr(s, a)) for a in amounts if getattr(s, a) is not None), None) for s in d.sources]
+        records = [len(p) for p in train_parts]
+        self.mixture = Mixture(names, records, resolve_counts(names, how, records), self.seed)
+        self.train_set = MixtureDataset(train_parts, names)
+        if val_parts:
+            self.val_set = MixtureDataset(val_parts, val_names)
+        if self.skipped:
+            log.warning("skipped records: %s", dict(self.skipped))
+        if self.trainer is None or self.trainer.is_global_zero:
+            print("data mixture (samples an epoch takes from each source):\n" + self.mixture.table(), file=sys.stderr)
+            log_dir = self.trainer.logger.log_dir if self.trainer is not None and self.trainer.logger else None
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "mixture.json"), "w") as f:
+                    json.dump({"seed": self.seed, "sources": self.mixture.describe()}, f, indent=1)
 
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = GroupedSampler(
-            [s.length for s in dataset.samples],
-            [s.has_image for s in dataset.samples],
+            dataset.samples.lengths,
+            dataset.samples.has_image,
             batch_size,
             shuffle=train,
             group_by_length=self.data.group_by_length and train,
             seed=self.seed,
             num_replicas=world,
             rank=rank,
+            plan=self.mixture.plan if train and self.mixture is not None else None,
         )
+        if train:
+            self._sampler = sampler
         if train and self._resume is not None:
             # Set the epoch now, not only through Lightning's set_epoch: Lightning creates the training
             # iterator before it restores its loops and calls set_epoch, and DataLoader workers draw their
@@ -216,13 +314,18 @@ class LLaVADataModule(L.LightningDataModule):
         # saved after an epoch's last batch starts the next epoch whole.
         world = self._world()[0]
         global_batch = self.data.batch_size * world
-        if self.trainer is None:
-            return {"epoch": 0, "position": 0, "global_batch": global_batch}
-        batches = self.trainer.fit_loop.epoch_loop.batch_progress
-        epoch, done = self.trainer.current_epoch, batches.current.processed
-        if batches.is_last_batch and done >= self.trainer.num_training_batches:
-            epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
+        epoch, done = 0, 0
+        if self.trainer is not None:
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress
+            epoch, done = self.trainer.current_epoch, batches.current.processed
+            if batches.is_last_batch and done >= self.trainer.num_training_batches:
+                epoch, done = epoch + 1, 0
+        state = {"epoch": epoch, "position": done * global_batch, "global_batch": global_batch}
+        # The epoch's size: a resume onto other data says so (its order is another one).
+        return dict(state, epoch_samples=self._epoch_samples()) if self.train_set is not None else state
+
+    def _epoch_samples(self) -> int:
+        return len(self.mixture) if self.mixture is not None else len(self.train_set)
 
     def load_state_dict(self, state: dict) -> None:
         world, rank = self._world()
@@ -231,6 +334,14 @@ class LLaVADataModule(L.LightningDataModule):
         else:  # a checkpoint from before positions were global: samples per rank, on this world size
             self._resume = (state.get("epoch", 0), state.get("samples_in_epoch", 0) * world, None)
         saved, now = self._resume[2], self.data.batch_size * world
+        before = state.get("epoch_samples")
+        if before is not None and self.train_set is not None and before != self._epoch_samples() and rank == 0:
+            print(
+                f"resume: the training data changed since the checkpoint ({before} samples an epoch then, "
+                f"{self._epoch_samples()} now): epoch {self._resume[0]} goes on at its sample {self._resume[1]} of "
+                f"an order that is not the one the run saw",
+                file=sys.stderr,
+            )
         if saved not in (None, now) and rank == 0:
             print(
                 f"resume: the global batch changed from {saved} to {now} samples ({world} x data.batch_size "
@@ -253,6 +364,32 @@ class LLaVADataModule(L.LightningDataModule):
         now = self.data.batch_size * world
         if "position" not in state or state["global_batch"] == now or self.train_set is None:
             return None
-        per_rank = math.ceil(len(self.train_set) / world)
-        left = math.ceil(max(0, len(self.train_set) - state["position"]) / world)
+        size = self._epoch_samples()
+        per_rank = math.ceil(size / world)
+        left = math.ceil(max(0, size - state["position"]) / world)
         return math.ceil(per_rank / self.data.batch_size) - math.ceil(left / self.data.batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # A mixture's samples per source up to this step (data/samples/<source>), from the epoch's order and the
+        # position alone: what every rank together trained on, with no communication.
+        trainer = self.trainer
+        if self.mixture is None or trainer is None or not trainer.training or self._sampler is None:
+            return batch
+        step = trainer.global_step
+        if not trainer.is_global_zero or trainer.logger is None or step % max(1, trainer.log_every_n_steps):
+            return batch
+        epoch = trainer.current_epoch
+        if self._seen_order is None or self._seen_order[0] != epoch:
+            sampler = self._sampler
+            saved, sampler.epoch = sampler.epoch, epoch
+            order = np.asarray(sampler._global_order(sampler.global_batch), dtype=np.int64)
+            sampler.epoch = saved
+            self._seen_order = (epoch, order)
+        position = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self._sampler.global_batch
+        seen = self.mixture.seen(epoch, self._seen_order[1][:position])
+        trainer.logger.log_metrics({f"data/samples/{name}": float(n) for name, n in seen.items()}, step=step)
+        return batch
+
+
+def _encode(tokenizer, template: str, system: str | None, image_first: bool, image_token: str, record: dict):
+    return encode(tokenizer, record["conversations"], template, system, image_first, image_token)

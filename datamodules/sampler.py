@@ -20,7 +20,9 @@ process x batch N*b at every step (the loss is the global token mean, lit_module
 from __future__ import annotations
 
 import math
+from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -56,14 +58,16 @@ class GroupedSampler(Sampler[int]):
     """Deterministic, resumable indices for one rank, optionally grouped by modality and length.
 
     Args:
-        lengths: token length of each sample.
-        has_image: whether each sample has an image.
+        lengths: token length of each sample (a sequence or an array).
+        has_image: whether each sample has an image (a sequence or an array).
         batch_size: per-rank batch size.
         shuffle: shuffle each epoch (False: dataset order, for validation).
         group_by_length: group by modality and sort by length inside mega-batches.
         seed: base seed; the order of epoch e uses seed + e.
         num_replicas: number of ranks (world size).
         rank: this rank.
+        plan: epoch -> the indices the epoch holds, repeats included (a mixture of sources,
+            datamodules/mixture.py); None: every index once.
     """
 
     MEGA = 50  # global batches per sorted mega-batch (LLaVA uses 50 as well)
@@ -78,15 +82,18 @@ class GroupedSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        plan: Callable[[int], np.ndarray] | None = None,
     ) -> None:
-        self.lengths = lengths
-        self.has_image = has_image
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # arrays: a 665K-record order is drawn in a second
+        self.has_image = np.asarray(has_image, dtype=bool)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.plan = plan
+        self.size = len(plan(0)) if plan is not None else len(self.lengths)  # samples an epoch
         self.epoch = 0
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, global batch of its layout)
 
@@ -103,28 +110,32 @@ class GroupedSampler(Sampler[int]):
         self._resume = (epoch, position, layout or self.global_batch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.num_replicas)
+        return math.ceil(self.size / self.num_replicas)
 
     def _global_order(self, global_batch: int) -> list[int]:
-        n = len(self.lengths)
+        population = self.plan(self.epoch) if self.plan is not None else None
         if not self.shuffle:
-            return list(range(n))
+            return population.tolist() if population is not None else list(range(self.size))
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(n, generator=gen).tolist()
+        perm = torch.randperm(self.size, generator=gen).numpy()
+        if population is not None:
+            perm = population[perm]
         if not self.group_by_length:
-            return perm
+            return perm.tolist()
         batches = []
         for modality in (True, False):
-            idx = [i for i in perm if self.has_image[i] == modality]
+            idx = perm[self.has_image[perm] == modality]
             mega = global_batch * self.MEGA
             for s in range(0, len(idx), mega):
-                chunk = sorted(idx[s : s + mega], key=lambda i: -self.lengths[i])
+                chunk = idx[s : s + mega]
+                chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]  # longest first, ties in drawn order
                 batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
         # Full batches in random order; the ragged ones (one per modality and mega-batch) go last.
         full = [b for b in batches if len(b) == global_batch]
         ragged = [b for b in batches if len(b) < global_batch]
         order = torch.randperm(len(full), generator=gen).tolist()
-        return [i for k in order for i in full[k]] + [i for b in ragged for i in b]
+        parts = [full[k] for k in order] + ragged
+        return np.concatenate(parts).tolist() if parts else []
 
     def __iter__(self):
         order, start = self._global_order(self.global_batch), 0

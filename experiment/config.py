@@ -74,6 +74,11 @@ def _explain(err: OmegaConfBaseException, where: str, cfg: DictConfig) -> str:
     msg = str(err).splitlines()[0]
     section = key.rsplit(".", 1)[0] if "." in key else ""
     node = OmegaConf.select(cfg, section) if section else cfg
+    parent = getattr(err, "parent_node", None)
+    if "not in" in msg and "." not in key and isinstance(parent, DictConfig) and parent is not cfg:
+        # An item of a list of blocks (data.sources, eval.sets): OmegaConf names the key without its path.
+        kind = getattr(getattr(err, "object_type", None), "__name__", "block")
+        return f"{where}: unknown key '{key}' in a {kind} item; valid keys: {', '.join(parent.keys())}"
     if "not in" in msg and isinstance(node, DictConfig):
         return f"{where}: unknown key '{key}'; valid keys in '{section or '<top>'}': {', '.join(node.keys())}"
     return f"{where}: bad value for '{key}': {msg}"

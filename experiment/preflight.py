@@ -54,6 +54,9 @@ def check_files(cfg: DictConfig) -> None:
         _need("data.train_json", d.train_json, "training data file")
         _need("data.val_json", d.val_json, "validation data file")
         _need("data.image_folder", d.image_folder, "image folder")
+        for k, source in enumerate(d.sources):
+            _need(f"data.sources[{k}].file", source.file, "training data file")
+            _need(f"data.sources[{k}].image_folder", source.image_folder, "image folder")
     tokenizer_key, tokenizer = tokenizer_source(cfg)
     if tokenizer_key != "data.builtin":  # the built-in tokenizer is written with the data, after this check
         _need(tokenizer_key, tokenizer, "tokenizer directory", hub=True)

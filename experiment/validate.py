@@ -17,7 +17,7 @@ from datamodules.templates import TEMPLATES
 from encoders import BLOCK_REGISTRIES
 from experiment.strategy import check_strategy
 from foundation.registry import Registry
-from foundation.schema import NAMED_BLOCKS, ConfigError
+from foundation.schema import NAMED_BLOCKS, ConfigError, source_name
 from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from lit_modules.lr_schedule import EXTENSIONS
@@ -88,8 +88,11 @@ def validate(cfg: DictConfig) -> None:
         if names.count(eval_set.name) > 1:
             raise ConfigError(f"'{key}.name' = {eval_set.name!r} is used by two sets; names must be unique")
     data = cfg.data
-    if data.builtin is None and data.train_json is None:
-        raise ConfigError("set 'data.train_json' (LLaVA-format JSON) or 'data.builtin' (generated data)")
+    if data.builtin is None and data.train_json is None and not data.sources:
+        raise ConfigError(
+            "set 'data.train_json' (LLaVA-format JSON), 'data.sources' (a mixture) or 'data.builtin' (generated data)"
+        )
+    _validate_sources(data)
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
 
@@ -114,6 +117,35 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+AMOUNTS = ("weight", "repeat", "num_samples")
+
+
+def _validate_sources(data: DictConfig) -> None:
+    """Each source of a mixture: a file, at most one amount and none negative, a known template, a unique name;
+    and not every weight 0. Errors name the source."""
+    if not data.sources:
+        return
+    if data.train_json is not None or data.builtin is not None:
+        raise ConfigError("set 'data.sources' or 'data.train_json' / 'data.builtin', not both")
+    names = [source_name(s) for s in data.sources]
+    for k, source in enumerate(data.sources):
+        key, name = f"data.sources[{k}]", names[k]
+        if not source.file:
+            raise ConfigError(f"'{key}.file' is required (source {name!r}): a LLaVA-format JSON or JSONL file")
+        given = [a for a in AMOUNTS if source[a] is not None]
+        if len(given) > 1:
+            raise ConfigError(f"source {name!r} ({key}) sets {' and '.join(given)}; give one of {', '.join(AMOUNTS)}")
+        if given and source[given[0]] < 0:
+            raise ConfigError(f"'{key}.{given[0]}' = {source[given[0]]} for source {name!r} is negative")
+        if source.template is not None:
+            registered(f"{key}.template", source.template, TEMPLATES)
+        if names.count(name) > 1:
+            raise ConfigError(f"source name {name!r} ({key}) is used twice; set 'name' to tell them apart")
+    weighted = [n for n, s in zip(names, data.sources) if s.weight is not None]
+    if weighted and all(s.weight == 0 for s in data.sources if s.weight is not None):
+        raise ConfigError(f"every weight of data.sources is 0 ({', '.join(weighted)}): nothing would be sampled")
+
+
 def _check_types(block: str, values: dict, hints: dict) -> None:
     for key, value in values.items():
         if key in hints and not fits(value, hints[key]):
@@ -126,6 +158,7 @@ RANGES = (
     ("data.val_batch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.max_length", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.index_workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -71,9 +71,32 @@ class BuiltinDataConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a training mixture (`data.sources`, datamodules/mixture.py): a LLaVA JSON / JSONL file and
+    the samples an epoch takes from it: one of `weight` (the weighted sources share the sum of their records in
+    proportion), `repeat` (its records times r: 2 = each twice, 0.5 = half, drawn anew each epoch) or
+    `num_samples`; none: repeat 1."""
+
+    file: str = ""
+    name: Optional[str] = None  # logged as data/samples/<name>; None: the file's name without its extension
+    image_folder: Optional[str] = None  # None: data.image_folder
+    weight: Optional[float] = None
+    repeat: Optional[float] = None
+    num_samples: Optional[int] = None
+    template: Optional[str] = None  # None: data.template
+    system_prompt: Optional[str] = None  # None: data.system_prompt
+
+
+def source_name(source) -> str:
+    """A source's name: `name`, else its file's name without the extension."""
+    return source.name or source.file.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+@dataclass
 class DataConfig:
     builtin: Optional[BuiltinDataConfig] = None  # generate the built-in shapes dataset instead of reading files
-    train_json: Optional[str] = None  # LLaVA-format JSON
+    train_json: Optional[str] = None  # LLaVA-format JSON (a list, or JSON Lines when it ends in .jsonl)
+    sources: List[SourceConfig] = field(default_factory=list)  # a mixture instead of train_json (SourceConfig)
     val_json: Optional[str] = None
     image_folder: Optional[str] = None  # record image paths are relative to it
     val_fraction: float = 0.0  # held out from train_json when there is no val_json
@@ -93,6 +116,10 @@ class DataConfig:
     packing: bool = False  # pack training samples into rows of max_length (datamodules/packing.py)
     on_error: str = "raise"  # raise | skip (bad records and unreadable images are dropped and counted)
     images_outside_folder: bool = False  # allow record image paths that resolve outside image_folder
+    # The record index of each data file (offsets, token counts, check verdicts; datamodules/record_index.py):
+    # None keeps it in .vlm_index/ beside the file, or in ~/.cache/vlm-lab/index when that is not writable.
+    index_dir: Optional[str] = None
+    index_workers: Optional[int] = None  # processes that build an index (None: every core this process may use)
 
 
 @dataclass
