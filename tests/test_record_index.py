@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -22,6 +21,7 @@ from datamodules.llava_data import DataError, ImagePaths, check_record
 from datamodules.record_index import CheckSettings, open_index
 from datamodules.templates import TemplateError, encode
 from datamodules.token_count import TokenCounter
+from tests.support import zygote
 from tests.support.paths import REPO
 
 N = 9  # image tokens per image
@@ -299,16 +299,15 @@ print("RECORDS", len(index), index.root)
 """
 
 
-def _build_process(tmp_path, path, shapes_root, name, sleep, where="build", hold="") -> subprocess.Popen:
+def _build_process(tmp_path, path, shapes_root, name, sleep, where="build", hold="") -> zygote.ForkedProcess:
     """A process that indexes `path`; its build writes <name>.building, then waits for `hold` and `sleep` s."""
     code = BUILD.format(
         repo=REPO, marker=str(tmp_path / f"{name}.building"), hold=hold, sleep=sleep, where=where, path=path,
         ready=str(tmp_path / f"{name}.ready"), tokenizer=os.path.join(shapes_root, "tokenizer"),
         settings={**SETTINGS, "image_folder": shapes_root},
     )  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return zygote.start([sys.executable, "-c", code], os.getcwd(), env, merge_stderr=False)
 
 
 def _wait_for(marker, proc) -> None:
@@ -318,7 +317,7 @@ def _wait_for(marker, proc) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow  # two processes that import transformers: about 25 s on a loaded 2-core machine
+@pytest.mark.slow  # two processes, forked from the test process server (tests/support/zygote.py)
 def test_two_runs_building_the_same_index_at_once(tokenizer, shapes_root, tmp_path):
     path = write(tmp_path / "d.json", records(40))
     # The first builds and holds the lock until the second is about to open the index (and then 1 s more).
@@ -333,7 +332,7 @@ def test_two_runs_building_the_same_index_at_once(tokenizer, shapes_root, tmp_pa
     assert len(roots) == 1 and len(open_index(path, settings(shapes_root), tokenizer)) == 40
 
 
-@pytest.mark.slow  # a process that imports transformers
+@pytest.mark.slow  # a process forked from the test process server (about 7 s to start it, once)
 def test_sigkill_during_the_build_leaves_no_index_anyone_trusts(tokenizer, shapes_root, tmp_path):
     path = write(tmp_path / "d.json", records(40))
     proc = _build_process(tmp_path, path, shapes_root, "killed", 60, where="rename")
