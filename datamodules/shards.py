@@ -78,15 +78,16 @@ class ShardUnavailable(DataError):
 
 
 class EmbeddedImage:
-    """`check_record`'s image check for a shard item: the image is its bytes, which must be there."""
+    """`check_record`'s image check for a shard item: the image is its bytes, which must be there. What it gives
+    back stands for the file, opened (PIL reads a file object as it reads a path)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    def check(self, image: str) -> str:
+    def check(self, image: str) -> io.BytesIO:
         if not self.data:
             raise DataError(f"missing image file: {image} (no image bytes in the shard)")
-        return image
+        return io.BytesIO(self.data)
 
 
 class ShardDataset(Dataset):
