@@ -132,7 +132,7 @@ class ShardDataset(Dataset):
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _stream=None)
 
-    def _read(self, row: int) -> dict:
+    def _read(self, row: int) -> tuple:
         if self._stream is None:
             self._stream = _streaming(self.path)
         return self._stream[row]
