@@ -13,15 +13,24 @@ equal the reference implementations' on real tokenizers (tests/test_template_par
 - chatml     <|im_start|>role\ntext<|im_end|>\n (LLaVA-NeXT's `preprocess_qwen` ids, the built-in
              tokenizer); loss on answer + <|im_end|>, not the "\n" after it (never generated).
 - chat_template  the tokenizer's own Jinja template; answers found by rendering each prefix of the
-                 conversation, so any template whose prefixes render as prefixes works.
+                 conversation, so any template whose prefixes render as prefixes works. Whitespace the
+                 template writes after an end-of-turn special token is not trained, as in chatml.
 
 Generation stays consistent with training: `prompt_ids` is `input_ids` cut before the last answer,
 and a token that would straddle the end of a prompt and the start of an answer (a merged "\n\n\n" under
 Llama-3 or Qwen when an answer starts with "\n") is never made: the text is tokenised on both sides
 of that point, so training sees the prompt tokens generation feeds (the references merge it).
 
-By default `<image>` is moved to the start of its turn and followed by "\n" (LLaVA's
-`preprocess_multimodal`); `image_first=False` keeps it where the text puts it (interleaved text).
+By default `<image>` is moved to the start of its turn and followed by "\n", by the rule of the template's
+reference (`PLACEMENTS`): LLaVA's `preprocess_multimodal` for vicuna_v1, llama3 and plain, LLaVA-NeXT's (which
+keeps a turn that already starts with the placeholder as written) for chatml and chat_template. A turn with
+several placeholders is kept as written under both. `image_first=False` keeps every placeholder where the text
+puts it (interleaved text).
+
+Deliberate differences from the references: an empty or whitespace-only answer is refused (the references
+would train only its end-of-turn marker); chatml trains an answer and its `<|im_end|>` only, where LLaVA-NeXT's
+`preprocess_qwen` also trains the assistant header, the "\n" after `<|im_end|>` and every "\n", `<|im_start|>`
+and `<|im_end|>` token of the system and user turns (none of which the model generates when it answers).
 
 Each named template also carries its Jinja form (the same text for chat messages) and the special tokens its
 markers are: inference/export.py writes the form into an exported processor, and the built-in dataset's
@@ -77,6 +86,8 @@ class Template:
             macros `text(m)` (a message's text) and `after(t)` (`t` with what an image needs after it);
             inference/export.py defines them for a processor, `tokenizer_chat_template` for a tokenizer.
         special_tokens: the markers a tokenizer must hold as single tokens for this format.
+        placement: where `image_first` puts a turn's placeholder: the rule of this format's reference, a name
+            in `PLACEMENTS`.
     """
 
     segments: Callable[[Messages, str | None], Segments] | None
@@ -84,16 +95,41 @@ class Template:
     bos: bool = False
     jinja: str | None = None
     special_tokens: tuple[str, ...] = ()
+    placement: str = "llava"
 
+
+def _llava_placement(text: str, image_token: str) -> str:
+    """LLaVA's (and INF-LLaVA's) `preprocess_multimodal`: the placeholder, "\n", then the rest of the turn
+    without it, both ends stripped (the placeholder alone when nothing is left)."""
+    return (image_token + "\n" + text.replace(image_token, "").strip()).strip()
+
+
+def _llava_next_placement(text: str, image_token: str) -> str:
+    """LLaVA-NeXT's `preprocess_multimodal`: LLaVA's, except that a turn already starting with the placeholder
+    is kept as written ("<image>What?" gets no "\n"; its whitespace stays)."""
+    return text if text.startswith(image_token) else _llava_placement(text, image_token)
+
+
+# A turn with one placeholder under `image_first` -> its text (`move_image_first`).
+PLACEMENTS: dict[str, Callable[[str, str], str]] = {"llava": _llava_placement, "llava_next": _llava_next_placement}
 
 TEMPLATES = Registry("template")
 
 
-def template(name: str, stop: str | None, bos: bool = False, jinja: str | None = None, special_tokens=()):
+def template(
+    name: str,
+    stop: str | None,
+    bos: bool = False,
+    jinja: str | None = None,
+    special_tokens=(),
+    placement: str = "llava",
+):
     """Register `fn` as the segments of template `name` (the other arguments: `Template`'s)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"template {name!r}: placement {placement!r} is not one of {sorted(PLACEMENTS)}")
 
     def register(fn):
-        TEMPLATES.register(name, Template(fn, stop, bos, jinja, tuple(special_tokens)))
+        TEMPLATES.register(name, Template(fn, stop, bos, jinja, tuple(special_tokens), placement))
         return fn
 
     return register
@@ -177,6 +213,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
     f"{{% for m in messages if m['role'] != 'system' %}}{IM_START}{{{{ m['role'] }}}}\n{{{{ text(m) }}}}{IM_END}\n"
     f"{{% endfor %}}{{% if add_generation_prompt %}}{IM_START}assistant\n{{% endif %}}",
     special_tokens=(IM_START, IM_END),
+    placement="llava_next",  # LLaVA-NeXT's preprocess_qwen is this format's reference
 )
 def chatml(messages: Messages, system: str | None) -> Segments:
     segs = [(f"{IM_START}system\n{system}{IM_END}\n", False)] if system else []
@@ -187,8 +224,9 @@ def chatml(messages: Messages, system: str | None) -> Segments:
     return segs
 
 
-# The tokenizer's own Jinja template: answers found by rendering prefixes (`_encode_chat_template`).
-TEMPLATES.register("chat_template", Template(None, None))
+# The tokenizer's own Jinja template: answers found by rendering prefixes (`_chat_template_segments`). LLaVA-NeXT,
+# which trains with tokenizers' chat templates (Qwen's, Llama-3's), is its reference for the placement.
+TEMPLATES.register("chat_template", Template(None, None, placement="llava_next"))
 
 
 def stop_token_ids(tokenizer, template: str) -> list[int]:
@@ -229,15 +267,12 @@ def to_messages(conversations: list[dict], template: str) -> list[tuple[str, str
     return messages
 
 
-def move_image_first(messages: Messages, image_token: str = IMAGE_TOKEN) -> Messages:
-    """LLaVA's `preprocess_multimodal`: a turn with the placeholder becomes `<image>\n` + its text
-    without the placeholder, stripped."""
-    out = []
-    for role, text in messages:
-        if image_token in text:
-            text = (image_token + "\n" + text.replace(image_token, "").strip()).strip()
-        out.append((role, text))
-    return out
+def move_image_first(messages: Messages, image_token: str = IMAGE_TOKEN, placement: str = "llava") -> Messages:
+    """A turn with one placeholder, placed by `PLACEMENTS[placement]` (mostly `<image>\n` + the rest stripped).
+    A turn with several is kept as written, as LLaVA-NeXT keeps it: LLaVA's rule would leave one placeholder for
+    several images (LLaVA-1.5 trains one image per record)."""
+    place = PLACEMENTS[placement]
+    return [(role, place(text, image_token) if text.count(image_token) == 1 else text) for role, text in messages]
 
 
 def encode(
@@ -255,13 +290,14 @@ def encode(
         conversations: the record's turns.
         template: a name in `TEMPLATES`.
         system: system text; None takes the template's default.
-        image_first: move the placeholder to the start of its turn (LLaVA); False keeps it in place.
+        image_first: move the placeholder to the start of its turn (the template's `placement`); False keeps
+            it in place.
         image_token: the placeholder string.
     """
     messages = to_messages(conversations, template)
-    if image_first:
-        messages = move_image_first(messages, image_token)
     tpl = TEMPLATES.get(template)
+    if image_first:
+        messages = move_image_first(messages, image_token, tpl.placement)
     if tpl.segments is None:
         segments = _chat_template_segments(tokenizer, messages, system)
     else:

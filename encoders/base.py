@@ -16,7 +16,15 @@ encoder's unless it changes the input (INF-LLaVA's module: the inner recipe at n
 encoder that sets none gets CLIP's recipe at its `image_size` with its `pixel_mean` / `pixel_std`
 (shortest edge, centre crop, bicubic).
 
-Wrappers (a token reducer, INF-LLaVA's dual-perspective module) subclass `encoders.wrapper.EncoderWrapper`:
+Images of any size (a tiling wrapper, encoders/anyres/). `num_image_tokens((h, w))` is how many embeddings
+the LLM sees for one image of that size as preprocessing receives it, and `pack(tokens, image_sizes, newline)`
+turns the projected tokens of a batch's encoder images [K, N, D] into the LLM's image embeddings [L, D]. For a
+plain encoder one image is one encoder image: `num_tokens` each, and `pack` flattens. A tiling wrapper's
+`preprocess` returns [T, 3, S, S] per image (its views; T = `preprocess.num_tiles((h, w))`); a batch then
+concatenates every image's views and carries `image_sizes` [M, 2] (height, width), which `pack` needs. With
+`uses_image_newline` the VLM holds a learned newline embedding [D] and passes it to `pack`.
+
+Wrappers (a token reducer, INF-LLaVA's dual-perspective module, AnyRes) subclass `encoders.wrapper.EncoderWrapper`:
 they keep the wrapped encoder as `self.inner`, satisfy the same contract themselves and name their own
 trainable part in `part`, so the training code can freeze or unfreeze "encoder", "reducer" and
 "enhancer" apart.
@@ -72,6 +80,7 @@ class VisionEncoder(nn.Module):
             picklable object with `image_size`, `pixel_mean`, `pixel_std` and `scaled(n)` (the same
             recipe at n*S), see encoders/preprocess.py.
         part: name of the trainable part this module's own parameters belong to.
+        uses_image_newline: `pack` marks rows with a learned newline embedding the VLM holds (LLaVA-NeXT).
     """
 
     image_size: int
@@ -81,10 +90,28 @@ class VisionEncoder(nn.Module):
     pixel_std: tuple[float, float, float]
     preprocess = _Preprocess()
     part: str = "encoder"
+    uses_image_newline: bool = False
 
     @property
     def num_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Embeddings the LLM sees for one image of `image_size` (height, width): `num_tokens` for a tower
+        that takes every image at its own size; a tiling wrapper's count depends on the size."""
+        return self.num_tokens
+
+    def num_views(self, image_size: tuple[int, int]) -> int:
+        """Encoder images (`forward` inputs) per image of `image_size`: 1, or a tiling's base view + tiles."""
+        return 1
+
+    def pack(
+        self, tokens: torch.Tensor, image_sizes: torch.Tensor | None, newline: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Projected tokens of the batch's encoder images [K, N, D] -> the LLM's image embeddings [L, D], in
+        image order. One image is one encoder image here, so this flattens (`image_sizes` [M, 2] and
+        `newline` [D] are for tiling wrappers)."""
+        return tokens.reshape(-1, tokens.shape[-1])  # [K*N, D]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward to save memory; wrappers pass it on to `inner`."""

@@ -161,6 +161,7 @@ def build_clip(
     select_layer: int = -2,
     select_feature: str = "patch",
     grad_checkpointing: bool = False,
+    preprocess: dict[str, Any] | None = None,
 ) -> CLIPEncoder:
     """Any CLIP vision tower: its architecture comes from the checkpoint directory, or from `config`.
 
@@ -172,14 +173,21 @@ def build_clip(
         select_layer: index into `hidden_states` (-2 = penultimate).
         select_feature: "patch" (drop CLS) or "cls_patch".
         grad_checkpointing: recompute layer activations in backward.
+        preprocess: CLIPImageProcessor settings (preprocessor_config.json keys: size, crop_size, image_mean,
+            image_std, resample, ...) in place of the checkpoint's own or OpenAI CLIP's; what a LLaVA directory's
+            processor gives its tower (model/llava_hf.py).
     """
     if checkpoint is not None:
-        model, preprocess = _meta_clip(checkpoint) if on_meta_device() else _load_clip(checkpoint)
+        model, recipe = _meta_clip(checkpoint) if on_meta_device() else _load_clip(checkpoint)
     elif config is not None:
-        model, preprocess = CLIPVisionModel(CLIPVisionConfig(**config)), None  # OpenAI CLIP's recipe
+        model, recipe = CLIPVisionModel(CLIPVisionConfig(**config)), None  # OpenAI CLIP's recipe
     else:
         raise ValueError("encoder 'clip' needs checkpoint=<HF CLIP directory> or config={...} for random init")
-    encoder = CLIPEncoder(model, select_layer, select_feature, preprocess)
+    if preprocess is not None:
+        mean = tuple(preprocess.get("image_mean", OPENAI_CLIP_MEAN))
+        std = tuple(preprocess.get("image_std", OPENAI_CLIP_STD))
+        recipe = ResizeCrop.from_hf(preprocess, model.config.image_size, mean, std)
+    encoder = CLIPEncoder(model, select_layer, select_feature, recipe)
     if grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     return encoder

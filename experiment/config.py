@@ -7,6 +7,10 @@ anything is built: an unknown key, a wrong type, an unknown encoder / reducer / 
 / template name or builder option, or an unknown `lightning.Trainer` argument fails at once, naming
 the key and the valid choices.
 
+`model.from_hf: <LLaVA directory>` puts the model section that directory matches (model/llava_hf.py) after the
+files, in place of their model (the blocks it names are replaced whole, other weight sources cleared; training
+options such as `model.llm.lora` stay), and before the command-line overrides, which adjust it.
+
 The named blocks (foundation/schema.py `NAMED_BLOCKS`: encoder, reducer, enhancer) and `model.llm.config`
 are taken whole, not merged, when a later source sets their `name` (`model_type`):
 `model.encoder.name=clip_vit_l_336` swaps the encoder without inheriting the old one's options.
@@ -22,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from experiment.validate import validate
 from foundation.schema import NAMED_BLOCKS, ConfigError, ExperimentConfig
+from model.llava_hf import llava_hf_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS_DIR = os.path.join(REPO, "experiments")
@@ -86,15 +91,26 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         path: experiment YAML (default: experiments/quickstart.yaml).
         overrides: command-line style `key=value` strings, e.g. `optim.lr=1e-4`, `model.encoder.name=sam_vit_b`.
     """
-    return _compose(_read_yaml(path or DEFAULT_EXPERIMENT), overrides)
+    return _compose(_read_yaml(path or DEFAULT_EXPERIMENT), overrides, from_hf=True)
 
 
 def config_from_dict(config: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "config") -> DictConfig:
-    """A resolved config saved as a mapping (e.g. in a checkpoint) + `key=value` overrides, validated."""
+    """A resolved config saved as a mapping (e.g. in a checkpoint) + `key=value` overrides, validated. A resolved
+    config already holds what its `model.from_hf` gave, as the run adjusted it: it is not read again."""
     return _compose([(where, OmegaConf.create(config))], overrides)
 
 
-def _compose(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
+def _compose(sources: list[tuple[str, DictConfig]], overrides, from_hf: bool = False) -> DictConfig:
+    cfg = _merged(sources, overrides)
+    if from_hf and cfg.model.from_hf is not None:
+        # the LLaVA directory's model replaces the files' (it names every weight's source); overrides adjust it
+        base = OmegaConf.create({"model": llava_hf_config(cfg.model.from_hf)})
+        cfg = _merged([*sources, (f"model.from_hf={cfg.model.from_hf}", base)], overrides)
+    validate(cfg)
+    return cfg
+
+
+def _merged(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
     cfg = OmegaConf.structured(ExperimentConfig)
     for where, source in sources:
         cfg = _merge(cfg, source, where)
@@ -113,7 +129,6 @@ def _compose(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
                 "when its value has spaces, e.g. 'model.llm.config={hidden_size: 64, num_hidden_layers: 2}'"
             ) from None
         cfg = _merge(cfg, source, f"override {item!r}")
-    validate(cfg)
     return cfg
 
 

@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from encoders import VisionEncoder, encoder_chain
@@ -41,10 +42,16 @@ def build_on_meta(cfg: DictConfig, llm_config: dict | None = None) -> tuple[Visi
     return model, model.freeze_for(cfg.stage, cfg.trainable)
 
 
-def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
+# Image sizes (height, width) whose token counts are shown for a tower whose count depends on the size (a
+# tiling) when none are asked for: a VGA / COCO photo, XGA, a Full HD screenshot, an A4 page at 150 dpi.
+EXAMPLE_SIZES = ((480, 640), (768, 1024), (1080, 1920), (1754, 1240))
+
+
+def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[tuple[int, int]] | None = None) -> str:
     """Each part's parameters (total, trainable in this stage), where its weights come from, and what the
     LLM sees of an image (input size, image tokens, text budget within data.max_length). Arguments as
-    `build_on_meta`."""
+    `build_on_meta`; `image_sizes` (height, width): the images whose token counts to show (by default
+    `EXAMPLE_SIZES` where the count depends on the size)."""
     start = time.perf_counter()
     model, table = build_on_meta(cfg, llm_config)
     seconds = time.perf_counter() - start
@@ -58,16 +65,33 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
         "",
         "vision: " + _vision_chain(vision),
     ]
+    if cfg.model.from_hf is not None:  # the model section the directory gave, as the run adjusted it
+        section = yaml.safe_dump({"model": _set(OmegaConf.to_container(cfg.model, resolve=True))},
+                                 default_flow_style=None, sort_keys=False, width=116)  # fmt: skip
+        lines[-1:-1] = [f"model.from_hf: {cfg.model.from_hf} gives (with this run's overrides):",
+                        *("  " + line for line in section.splitlines()), ""]  # fmt: skip
     tokens, max_length = vision.num_tokens, cfg.data.max_length
-    lines.append(
-        f"image tokens per image: {tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
+    per_view = (
+        f"{tokens} ({vision.grid_size[0]} x {vision.grid_size[1]}"
         f"{' + CLS' if tokens != vision.grid_size[0] * vision.grid_size[1] else ''}) of width "
         f"{vision.embed_dim}, projected to {text.hidden_size}"
     )
+    sizes = [tuple(s) for s in image_sizes or ()]
+    varies = any(vision.num_image_tokens(s) != tokens for s in (*sizes, *EXAMPLE_SIZES))
+    if not varies:
+        lines.append(f"image tokens per image: {per_view}")
+    else:  # a tiling: the count depends on the image's size
+        lines.append(f"image tokens per encoder view: {per_view}; per image by its size (height x width):")
+        sizes = sizes or list(EXAMPLE_SIZES)
+        for h, w in sizes:
+            n, views = vision.num_image_tokens((h, w)), vision.num_views((h, w))
+            lines.append(f"  {h} x {w} px: {n} image tokens ({views} encoder views)")
+        tokens = max(vision.num_image_tokens(s) for s in sizes)
     budget = max_length - tokens
     lines.append(
         f"sequence: data.max_length {max_length} = {tokens} image tokens + {budget} text tokens "
-        f"(one image per sample)" + ("  <- no room for text" if budget <= 0 else "")
+        f"(one image per sample{', the largest above' if varies else ''})"
+        + ("  <- no room for text" if budget <= 0 else "")
     )
     positions = getattr(text, "max_position_embeddings", None)
     if positions is not None:
@@ -90,6 +114,13 @@ def describe(cfg: DictConfig, llm_config: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _set(node):
+    """A config mapping without its unset (null) keys, at every depth."""
+    if isinstance(node, dict):
+        return {k: _set(v) for k, v in node.items() if v is not None}
+    return node
+
+
 def _tokenizer_if_here(cfg: DictConfig):
     """(the tokenizer, None) when it loads from this machine, else (None, why not)."""
     try:
@@ -110,11 +141,19 @@ def _where(path: str) -> str:
 
 def _sources(cfg: DictConfig, text) -> dict[str, str]:
     m = cfg.model
+    if m.from_hf is not None:  # one source for every weight
+        sources = {kind: f"{m[kind].name}: {_where(m.from_hf)}" for kind in NAMED_BLOCKS if m[kind] is not None}
+        sources["projector"] = f"{m.projector}: {_where(m.from_hf)}"
+        if m.llm.lora is not None:
+            return {**sources, "llm": "LoRA adapters: random init", "llm_base": f"{text.model_type}: {m.from_hf}"}
+        return {**sources, "llm": f"{text.model_type}: {_where(m.from_hf)}"}
     ckpt = m.encoder.get("checkpoint")
     projector_source = _where(m.mm_projector) if m.mm_projector else "random init"
     # the enhancer's weights come with the projector's (INF-LLaVA's mm_projector.bin holds both)
     encoder_source = _where(ckpt) if ckpt else "random init"
+    # a tiling has no weights; its learned newline is the VLM's and comes with the projector's
     weights = {"encoder": encoder_source, "reducer": "random init", "enhancer": projector_source}
+    weights["tiling"] = "no weights"
     sources = {kind: f"{m[kind].name}: {weights[kind]}" for kind in NAMED_BLOCKS if m[kind] is not None}
     sources["projector"] = f"{m.projector}: {projector_source}"
     llm = f"{text.model_type}: " + (_where(m.llm.path) if m.llm.path else "random init (inline config)")
@@ -132,4 +171,6 @@ def _vision_chain(vision: VisionEncoder) -> str:
         f"{type(m).__name__} ({m.image_size} px in, {m.grid_size[0]} x {m.grid_size[1]} x {m.embed_dim} out)"
         for m in encoder_chain(vision)
     ]
-    return f"{vision.image_size} x {vision.image_size} px images -> " + " wrapping ".join(chain)
+    side = f"{vision.image_size} x {vision.image_size} px"
+    tiled = any(vision.num_views(size) != 1 for size in EXAMPLE_SIZES)
+    return (f"images of any size as {side} views" if tiled else f"{side} images") + " -> " + " wrapping ".join(chain)

@@ -1,18 +1,23 @@
-"""Files a run reads, checked before anything is built: a missing one fails in a second, naming its key.
+"""Files a run reads and kernels it asks for, checked before anything is built: a missing one fails in a second,
+naming its key.
 
 Without this a missing `data.train_json` or tokenizer directory fails only after the model has been
 built (minutes for a 7B recipe) and a run directory has been created, or with a message about hub
-repo ids for what was meant as a local path.
+repo ids for what was meant as a local path; a kernel this machine cannot run fails at the first step.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
+import torch
 from omegaconf import DictConfig
 
 from datamodules.shapes import builtin_tokenizer
 from foundation.schema import ConfigError
+from model.attention import NEEDS_CUDA
 
 
 def could_be_hub_id(path: str) -> bool:
@@ -64,3 +69,24 @@ def check_files(cfg: DictConfig) -> None:
         _need(f"eval.sets[{k}].image_folder", eval_set.image_folder, "evaluation image folder")
     if cfg.resume not in (None, "auto"):
         _need("resume", cfg.resume, "checkpoint")
+
+
+def cpp_compiler() -> str:
+    """The C++ compiler torch.compile's CPU backend (inductor) calls: $CXX, else g++ (clang++ on macOS)."""
+    return os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """Raise ConfigError when this machine cannot run a kernel the config asks for: `model.llm.packed_attention`
+    varlen or flex without a CUDA GPU, and torch.compile for the CPU (`model.compile`) without a C++ compiler.
+    The config-only conditions (dtype, accelerator) are experiment.validate's."""
+    key, kind = "model.llm.packed_attention", cfg.model.llm.packed_attention
+    cuda = torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) != "cpu"
+    if kind in NEEDS_CUDA and not cuda:
+        raise ConfigError(f"{NEEDS_CUDA[kind]} and this machine has none: use {key}: mask here")
+    compiler = cpp_compiler()
+    if cfg.model.compile and not cuda and not shutil.which(compiler):
+        raise ConfigError(
+            f"'model.compile' = true needs a C++ compiler on a CPU ({compiler}, or $CXX) and none was found: install "
+            f"one (e.g. apt-get install g++) or set model.compile: false"
+        )

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiment.assemble import build_datamodule, build_module, build_tokenizer
 from experiment.config import save_config
-from experiment.preflight import check_files
+from experiment.preflight import check_files, check_machine
 from experiment.run_dir import claim_run_directory, lock_run_directory, release_run_directory
 from experiment.strategy import build_strategy
 from foundation.schema import ConfigError
@@ -136,6 +136,7 @@ SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a job ended by the
 def run(cfg: DictConfig, *callbacks: L.Callback) -> L.Trainer:
     """config -> seed -> tokenizer -> datamodule -> module (+ init_from) -> trainer -> fit; returns the trainer."""
     check_files(cfg)  # before minutes of model building and before a run directory exists
+    check_machine(cfg)  # kernels this machine cannot run fail here, not at the first step
     resume = resolve_resume(cfg)
     run_name = claim_run_directory(cfg, resume, rank_zero_only.rank)  # before minutes of model building
     lock = None

@@ -9,7 +9,7 @@ The YAML names a strategy in one of two forms:
       strategy: {name: ddp, find_unused_parameters: true}
 
 FSDP always auto-wraps the transformer blocks of the built model (the LLM's decoder layers and the
-vision tower's blocks, see `block_classes`) with `use_orig_params=True`, because a wrapped unit of a
+vision tower's blocks, see `model.blocks.block_classes`) with `use_orig_params=True`, because a wrapped unit of a
 VLM mixes frozen and trainable parameters (a frozen LLM base next to its LoRA adapters; the root unit,
 which holds a frozen encoder's patch embedding next to the trainable projector). The plain names `fsdp` and
 `fsdp_cpu_offload` get the same treatment: Lightning's default (one root unit, flat parameters) fails
@@ -29,6 +29,8 @@ import inspect
 from typing import Any
 
 from torch import nn
+
+from model.blocks import block_classes  # the blocks FSDP wraps are the blocks `model.compile` compiles
 
 # Options a mapping may give per strategy name (beyond `name`); anything else fails in experiment.validate.
 # ddp: DDPStrategy's own arguments plus DistributedDataParallel keyword arguments (passed through).
@@ -125,25 +127,6 @@ def check_strategy(spec: Any, key: str = "trainer.strategy", installed: bool = F
             raise ValueError(f"'{key}.stage' = {spec['stage']!r} is not valid; choose one of: 1, 2, 3")
     if installed and name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(f"'{key}' asks for DeepSpeed: {DEEPSPEED_INSTALL}")
-
-
-def block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The transformer block classes inside `model`, the units FSDP wraps (and checkpoints).
-
-    From the model itself, so a new encoder or LLM needs no list here: every transformers sub-model's
-    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, CLIPEncoderLayer, ...; accelerate's
-    device_map uses the same names), resolved to the classes found in `model`, plus the elements of
-    every `blocks` list (timm's ViT `Block`, SAM's `vision_transformer_sam.Block`).
-    """
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    for m in model.modules():
-        blocks = getattr(m, "blocks", None)
-        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            classes.update(type(b) for b in blocks)
-    return classes
 
 
 def build_strategy(spec: Any, model: nn.Module | None = None):

@@ -22,6 +22,7 @@ from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from lit_modules.lr_schedule import EXTENSIONS
 from metrics import METRICS
+from model.attention import NEEDS_CUDA, PACKED_ATTENTION
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
 from model.projector import PROJECTORS
 
@@ -67,7 +68,9 @@ def validate(cfg: DictConfig) -> None:
                 )
         _check_types(block, OmegaConf.to_container(node, resolve=True), registry.hints(node.name))
 
+    _validate_from_hf(cfg.model)
     _validate_llm(cfg.model.llm)
+    _validate_packed_attention(cfg)
     names = [s.name for s in cfg.eval.sets]
     for k, eval_set in enumerate(cfg.eval.sets):
         key = f"eval.sets[{k}]"
@@ -198,4 +201,48 @@ def _validate_llm(llm: DictConfig) -> None:
         if llm.lora is None or llm.path is None:
             raise ConfigError(
                 "'model.llm.quantization' (QLoRA) needs 'model.llm.lora' and a pretrained 'model.llm.path'"
+            )
+
+
+def _validate_packed_attention(cfg: DictConfig) -> None:
+    """What the config alone says about `model.llm.packed_attention` (model/attention.py); whether this machine has
+    the device and compiler it needs is `experiment.preflight.check_machine`'s."""
+    llm, key = cfg.model.llm, "model.llm.packed_attention"
+    choice(key, llm.packed_attention, PACKED_ATTENTION)
+    kind = llm.packed_attention
+    if kind == "mask":
+        return
+    if not cfg.data.packing:
+        raise ConfigError(f"'{key}' = {kind!r} is the attention of packed rows; set data.packing: true (or drop it)")
+    if llm.attn_implementation not in (None, "sdpa"):
+        raise ConfigError(
+            f"'{key}' = {kind!r} runs unpacked batches (validation, generation) with sdpa, so it cannot go with "
+            f"'model.llm.attn_implementation' = {llm.attn_implementation!r}: unset that, or use {key}: mask"
+        )
+    if str(cfg.trainer.get("accelerator", "auto")) == "cpu":
+        raise ConfigError(f"{NEEDS_CUDA[kind]} but trainer.accelerator is cpu: use {key}: mask on a CPU")
+    if kind != "varlen":
+        return
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if not precision.startswith(("bf16", "16")) and llm.dtype not in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"'{key}' = 'varlen' runs in bfloat16 / float16 only (PyTorch's flash and cuDNN varlen kernels), but "
+            f"trainer.precision is {precision} and model.llm.dtype {llm.dtype}: set trainer.precision: bf16-mixed, "
+            f"or use {key}: flex (any dtype) or mask"
+        )
+
+
+# Sources of weights that a LLaVA directory (`model.from_hf`) replaces: set with it, they are refused.
+OTHER_WEIGHTS = ("llm.path", "mm_projector", "encoder.checkpoint", "reducer", "enhancer")
+
+
+def _validate_from_hf(model: DictConfig) -> None:
+    if model.from_hf is None:
+        return
+    for key in OTHER_WEIGHTS:
+        value = OmegaConf.select(model, key)
+        if value is not None:
+            raise ConfigError(
+                f"'model.{key}' = {OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r} is "
+                f"set, but 'model.from_hf' = {model.from_hf!r} gives every weight of the model; set it to null"
             )

@@ -27,6 +27,9 @@ class LLMConfig:
     config: Optional[Dict[str, Any]] = None  # inline transformers config ({model_type: llama, ...}) for random init
     dtype: Optional[str] = None  # weights dtype when loading from `path` (e.g. bfloat16); None keeps float32
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2; None lets transformers pick
+    # How packed rows (data.packing) keep their samples apart (model/attention.py): mask (a block-diagonal mask for
+    # SDPA / eager) | varlen (PyTorch's varlen kernel, CUDA, fp16 / bf16) | flex (FlexAttention document mask)
+    packed_attention: str = "mask"
     grad_checkpointing: bool = False
     lora: Optional[Dict[str, Any]] = None  # apply_lora's options {r, alpha, dropout, target_modules, ...}
     quantization: Optional[str] = None  # 4bit | 8bit: QLoRA base via bitsandbytes (CUDA, optional install)
@@ -35,7 +38,7 @@ class LLMConfig:
 # ModelConfig's blocks `{name, **options}`, in the order the vision tower is built (the encoder, then the
 # wrappers around it): `name` picks a builder from the registry of the block's kind (encoders.BLOCK_REGISTRIES,
 # by `Registry.kind`), and a config source that sets `name` replaces the block whole (experiment/config.py).
-NAMED_BLOCKS = ("encoder", "reducer", "enhancer")
+NAMED_BLOCKS = ("encoder", "reducer", "enhancer", "tiling")
 
 
 @dataclass
@@ -43,11 +46,19 @@ class ModelConfig:
     encoder: Dict[str, Any] = field(default_factory=lambda: {"name": "clip_vit_l_336"})  # {name, **builder options}
     reducer: Optional[Dict[str, Any]] = None  # e.g. {name: conv} for SAM -> 256 tokens
     enhancer: Optional[Dict[str, Any]] = None  # e.g. {name: dual_perspective, n: 3}
+    # e.g. {name: anyres, grid_pinpoints: "(1x1),...,(3x3)", max_tiles: 9}: LLaVA-NeXT's tiles (encoders/anyres/)
+    tiling: Optional[Dict[str, Any]] = None
     projector: str = "mlp2x_gelu"
     mm_projector: Optional[str] = None  # LLaVA / INF-LLaVA stage-1 mm_projector.bin: projector (+ DEM) weights
     llm: LLMConfig = field(default_factory=LLMConfig)
+    # a released transformers LLaVA / LLaVA-NeXT directory (llava-hf layout): the blocks above are built from it
+    # (under the experiment's own settings) and all weights come from it (model/llava_hf.py)
+    from_hf: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer directory; defaults to llm.path
     image_token: str = "<image>"
+    # torch.compile each LLM decoder layer and each vision-tower block (regional, model/blocks.py); generation
+    # stays eager. On a CPU it needs a C++ compiler; the console reports the compile time after the second step
+    compile: bool = False
 
 
 @dataclass
@@ -91,8 +102,9 @@ class DataConfig:
     val_fraction: float = 0.0  # held out from train_json when there is no val_json
     template: Optional[str] = None  # None: "plain" for align, the tokenizer's chat template for sft
     system_prompt: Optional[str] = None  # None: the template's default
-    # True: <image> moves to the start of its turn, followed by "\n" (LLaVA's preprocess_multimodal, so ids
-    # match LLaVA's); False: it stays where the text puts it (interleaved text). datamodules/templates.py
+    # True: <image> is placed by the template's reference rule (LLaVA's preprocess_multimodal for plain,
+    # vicuna_v1, llama3; LLaVA-NeXT's for chatml, chat_template), so ids match the reference's; False: it stays
+    # where the text puts it (interleaved text). datamodules/templates.py PLACEMENTS
     image_first: bool = True
     max_length: int = 2048  # tokens, image tokens included; longer records are errors (or skipped)
     pad_to_square: bool = False  # pad with the mean colour before resizing (LLaVA-1.5 SFT)
@@ -116,6 +128,9 @@ class OptimConfig:
     lr_per_part: Dict[str, float] = field(default_factory=dict)  # e.g. {llm: 2e-5}
     weight_decay: float = 0.0  # AdamW; never on biases and norm weights
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW's fused kernel (one kernel per step for all parameters, on CUDA and CPU alike); where the parameters'
+    # device has none, the multi-tensor (foreach) one. False: torch's default choice
+    fused: bool = False
     warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
     # a resumed run whose length changed (max_steps, max_epochs, world size, batch): refuse | cosine | constant

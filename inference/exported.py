@@ -1,5 +1,6 @@
-"""Answers from an exported directory (inference/export.py): transformers' `LlavaForConditionalGeneration` and the
-processor the export wrote, so `tools.predict` takes an export as it takes a run directory:
+"""Answers from an exported directory (inference/export.py): transformers' `LlavaForConditionalGeneration` (or
+`LlavaNextForConditionalGeneration`, an AnyRes run's) and the processor the export wrote, so `tools.predict` takes
+an export as it takes a run directory:
 
     python -m tools.predict exported/X --image photo.png --question "What color are the shapes?"
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from datamodules.images import load_image
 from lit_modules.predictor import Asking
@@ -39,7 +40,7 @@ class ExportedPredictor(Asking):
     def __init__(self, path: str, device: str | None = None) -> None:
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
-        self.model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path).eval()  # the config's LLaVA class
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.image_token = self.processor.image_token
 

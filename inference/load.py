@@ -10,7 +10,7 @@ import glob
 import os
 
 from experiment.assemble import build_datamodule, build_module
-from experiment.config import config_from_dict
+from experiment.config import config_from_dict, load_config
 from foundation.schema import ConfigError
 from inference.exported import ExportedPredictor, is_export
 from lit_modules.checkpoint_io import load_weights, read_checkpoint
@@ -49,11 +49,17 @@ def load_module(checkpoint: str, overrides: list[str] | tuple[str, ...] = ()) ->
 def load_predictor(path: str, checkpoint: str = "last", overrides: list[str] | tuple[str, ...] = ()) -> Predictor:
     """A `Predictor` from a run directory (its last.ckpt, or the best with checkpoint="best") or a
     checkpoint file; `overrides` adjust the stored config (`key=value`). An export directory (inference/export.py)
-    gives an `ExportedPredictor` (same interface; `checkpoint` and `overrides` do not apply)."""
+    gives an `ExportedPredictor` (same interface; `checkpoint` and `overrides` do not apply). An experiment YAML
+    gives its model as the config builds it, before any training (weights from their sources, e.g. a released
+    LLaVA's with `model.from_hf`): a baseline answered through the project's own pipeline."""
     if os.path.isdir(path) and is_export(path):
         if overrides:
             raise ConfigError(f"{path} is an exported model: config overrides {list(overrides)} do not apply")
         return ExportedPredictor(path)
+    if path.endswith((".yaml", ".yml")) and os.path.isfile(path):
+        cfg = load_config(path, overrides)
+        module = build_module(cfg)
+        return Predictor(module, build_datamodule(cfg, module.tokenizer))
     module = load_module(find_checkpoint(path, checkpoint), overrides)
     cfg = config_from_dict(module.hparams["config"], overrides)
     return Predictor(module, build_datamodule(cfg, module.tokenizer))

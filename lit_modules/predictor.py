@@ -99,7 +99,7 @@ class Predictor(Asking):
         dm, module = self.datamodule, self.module
         pad = dm.tokenizer.pad_token_id
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad)
-        pixels = batch["pixel_values"]
+        pixels, sizes = batch["pixel_values"], batch.get("image_sizes")  # [K, 3, S, S]; [M, 2] with a tiling
         new_tokens = module.model.generate(
             batch["prompt_ids"].to(module.device),
             batch["prompt_mask"].to(module.device),
@@ -109,5 +109,6 @@ class Predictor(Asking):
             pad,
             temperature,
             top_p,
+            image_sizes=sizes,  # which views are whose, and each image's token count (AnyRes)
         )
         return [module.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]

@@ -68,8 +68,8 @@ class VLMModule(L.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None, full_logits: bool = False):
-        # Packed rows (datamodules/packing.py) carry position_ids and go without a mask: transformers
-        # isolates their samples from the position resets only when no 2D attention mask is given.
+        # Packed rows (datamodules/packing.py) carry position_ids and go without a 2D mask: the samples are kept
+        # apart from the position resets, as `model.llm.packed_attention` says (model/attention.py).
         # The loss takes the LM head on labelled positions only (model/loss.py); `full_logits` for every one.
         position_ids = batch.get("position_ids")
         mask = batch["attention_mask"] if position_ids is None else None
@@ -81,6 +81,7 @@ class VLMModule(L.LightningModule):
             num_items_in_batch,
             position_ids,
             full_logits=full_logits,
+            image_sizes=batch.get("image_sizes"),  # [M, 2] with a tiling tower (AnyRes): which views are whose
         )
 
     def _label_tokens_per_rank(self, labels: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,7 @@ class VLMModule(L.LightningModule):
             self.evaluation.max_new_tokens,
             self.stop_ids,
             self.tokenizer.pad_token_id,
+            image_sizes=batch.get("image_sizes"),
         )
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         # a sample whose image could not be read is not scored
@@ -180,13 +182,25 @@ class VLMModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.optim.betas))
+        optimizer = torch.optim.AdamW(groups, betas=tuple(self.optim.betas), **self._adamw_kernel(groups))
         total = int(self.trainer.estimated_stepping_batches)
         # restored from a resumed run's checkpoint; on_train_start reconciles it with `total` (optim.extend)
         self.lr_schedule = WarmupCosine(math.ceil(self.optim.warmup_ratio * total), total, self.optim.min_lr_ratio)
         self._planned_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _adamw_kernel(self, groups: list[dict]) -> dict:
+        """`optim.fused`: AdamW's fused kernel where every trainable parameter's device has one (torch 2.15:
+        CUDA, CPU, MPS, XPU, ...), else the foreach one, said once; {} leaves the choice to torch."""
+        if not self.optim.fused:
+            return {}
+        devices = {p.device.type for g in groups for p in g["params"]}
+        supported = _fused_devices()
+        if devices <= supported:
+            return {"fused": True}
+        rank_zero_info(f"optim.fused: no fused AdamW on {', '.join(sorted(devices - supported))}; using foreach")
+        return {"foreach": True}
 
     def on_train_start(self) -> None:
         # A resumed run's schedule came back with the scheduler's state; a run made longer or shorter since
@@ -223,3 +237,10 @@ class VLMModule(L.LightningModule):
                 f"checkpoint does not match the model: missing {sorted(missing)[:10]}, "
                 f"unexpected {sorted(unexpected)[:10]}"
             )
+
+
+def _fused_devices() -> set[str]:
+    # torch's own list of the devices with fused optimizer kernels (a private helper; AdamW checks against it)
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return set(_get_fused_kernels_supported_devices())

@@ -12,13 +12,19 @@ quantized LLM is built unquantized (bitsandbytes packs weights when it loads the
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from encoders import BLOCK_REGISTRIES, VisionEncoder
 from encoders.weights import on_meta_device
 from foundation.schema import NAMED_BLOCKS, ConfigError, LLMConfig, ModelConfig
+from model.attention import IMPLEMENTATIONS
+from model.blocks import compile_blocks
+from model.llava_hf import load_newline, load_part, load_vision, read_llava_weights
 from model.projector import PROJECTORS
 from model.projector_weights import load_mm_projector
 from model.vlm import VisionLanguageModel
@@ -62,16 +68,22 @@ def llm_config(llm: LLMConfig | DictConfig):
         ) from None
 
 
-def build_llm(llm: LLMConfig | DictConfig, vocab_size: int | None = None) -> PreTrainedModel:
+def build_llm(
+    llm: LLMConfig | DictConfig, vocab_size: int | None = None, weights: tuple[str, dict] | None = None
+) -> PreTrainedModel:
     """Any transformers causal LM, from a directory / hub id, or randomly initialised from an inline config.
 
     Args:
-        llm: the `model.llm` group: path or inline config, dtype, attention kernel, gradient
-            checkpointing, LoRA adapters (the result is then a `peft.PeftModel`, see model/lora.py),
-            QLoRA quantization (CUDA only; needs `lora`).
+        llm: the `model.llm` group: path or inline config, dtype, attention kernel (`packed_attention` varlen /
+            flex: that kernel's registered implementation, model/attention.py), gradient checkpointing, LoRA
+            adapters (the result is then a `peft.PeftModel`, see model/lora.py), QLoRA quantization (CUDA only;
+            needs `lora`).
         vocab_size: grow the embeddings to at least this size (tokens added for <image> / <pad>).
+        weights: (where from, state dict) for the inline config's model, loaded before the vocabulary grows
+            and LoRA wraps it (a LLaVA directory's LLM, model/llava_hf.py); its random init is skipped.
     """
-    kwargs = {"attn_implementation": llm.attn_implementation} if llm.attn_implementation else {}
+    attn = IMPLEMENTATIONS.get(llm.packed_attention, llm.attn_implementation)
+    kwargs = {"attn_implementation": attn} if attn else {}
     dtype = getattr(torch, llm.dtype) if llm.dtype else None
     quantized = llm.quantization is not None and not on_meta_device()
     if quantized:
@@ -83,7 +95,12 @@ def build_llm(llm: LLMConfig | DictConfig, vocab_size: int | None = None) -> Pre
     if llm.path is not None and not on_meta_device():
         model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_config(llm_config(llm), **kwargs)
+        with no_init_weights() if weights is not None else nullcontext():  # every tensor is loaded next
+            model = AutoModelForCausalLM.from_config(llm_config(llm), **kwargs)
+        if weights is not None:
+            load_part(weights[0], "LLM", model, weights[1])
+            if dtype is not None:
+                model.to(dtype)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         # transformers initialises new rows from the old rows' mean and covariance: no values on meta
         model.resize_token_embeddings(vocab_size, mean_resizing=not on_meta_device())
@@ -108,10 +125,20 @@ def build_vlm(model: ModelConfig | DictConfig, tokenizer=None) -> VisionLanguage
     """
     if tokenizer is None and not on_meta_device():
         raise ValueError("build_vlm needs the tokenizer (only a meta-device build may go without)")
-    vision = build_vision(model)
-    llm = build_llm(model.llm, len(tokenizer) if tokenizer is not None else None)
+    # a LLaVA directory (`from_hf`) gives every weight: read once, loaded into each part as it is built
+    hf = read_llava_weights(model.from_hf) if model.from_hf is not None and not on_meta_device() else None
+    with no_init_weights() if hf is not None else nullcontext():  # the random init would be overwritten
+        vision = build_vision(model)
+    llm = build_llm(model.llm, len(tokenizer) if tokenizer is not None else None, hf and (hf.path, hf.llm))
     projector = PROJECTORS.build(model.projector, vision.embed_dim, llm.config.get_text_config().hidden_size)
+    if hf is not None:
+        load_vision(hf, vision, projector)
     if model.mm_projector is not None and not on_meta_device():
         load_mm_projector(model.mm_projector, vision, projector)
     image_token_id = tokenizer.convert_tokens_to_ids(model.image_token) if tokenizer is not None else None
-    return VisionLanguageModel(vision, projector, llm, image_token_id)
+    vlm = VisionLanguageModel(vision, projector, llm, image_token_id, packed_attention=model.llm.packed_attention)
+    if hf is not None:
+        load_newline(hf, vlm)
+    if model.compile and not on_meta_device():
+        compile_blocks(vlm)
+    return vlm

@@ -1,18 +1,22 @@
 """The VLM as a plain nn.Module: vision tower -> projector -> causal LM.
 
 The vision tower is any `VisionEncoder`, possibly wrapped by a token reducer and/or an enhancer
-(INF-LLaVA's dual-perspective module), which satisfy the same contract. Each `<image>` placeholder in
-`input_ids` has already been expanded to N copies by the DataModule (as transformers' LLaVA processor
-does), so here the N projected image embeddings simply take those positions.
+(INF-LLaVA's dual-perspective module) and/or a tiling (LLaVA-NeXT's AnyRes), which satisfy the same contract.
+Each `<image>` placeholder in `input_ids` has already been expanded by the DataModule to as many copies as
+the image has embeddings (`vision.num_image_tokens`, as transformers' LLaVA / LLaVA-NeXT processors do), so
+here the projected image embeddings, packed by the tower (`vision.pack`), simply take those positions.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from encoders import VisionEncoder, split_parts
 from foundation.stages import PARTS, STAGES
+from model.attention import PACKED_ATTENTION, packed_inputs
 from model.lora import adapter_prefix, is_lora
 from model.loss import labelled_lm_loss, labelled_only
 
@@ -21,20 +25,40 @@ class VisionLanguageModel(nn.Module):
     """Vision tower -> projector -> causal LM, image embeddings placed at the placeholder tokens.
 
     Args:
-        vision: the vision tower, pixels [M, 3, S, S] -> [M, N, C].
-        projector: [M, N, C] -> [M, N, D].
+        vision: the vision tower, pixels [K, 3, S, S] -> [K, N, C] (K = M images, or their views with a tiling).
+        projector: [K, N, C] -> [K, N, D].
         llm: a transformers causal LM with hidden size D.
         image_token_id: placeholder id in input_ids (N consecutive copies per image); None when the
             model is built without a tokenizer (shapes only, e.g. `describe` of a recipe whose
             tokenizer is not on this machine).
+        packed_attention: how packed rows keep their samples apart (model/attention.py): "mask" (transformers'
+            block-diagonal mask), "varlen" or "flex" (the LLM must then use that kernel's `attn_implementation`,
+            `model.attention.IMPLEMENTATIONS`, as `build_llm` sets it).
     """
 
-    def __init__(self, vision: VisionEncoder, projector: nn.Module, llm: nn.Module, image_token_id: int | None) -> None:
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        projector: nn.Module,
+        llm: nn.Module,
+        image_token_id: int | None,
+        packed_attention: str = "mask",
+    ) -> None:
         super().__init__()
+        if packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention = {packed_attention!r}; choose one of: {', '.join(PACKED_ATTENTION)}")
         self.vision = vision
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        # LLaVA-NeXT's learned row end in the LLM's input space, initialised as LLaVA-NeXT and transformers
+        # (normal, std 1/sqrt(D)); it trains with the projector (see `parts`).
+        newline = None
+        if vision.uses_image_newline:
+            width = llm.get_input_embeddings().embedding_dim
+            newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+        self.image_newline = newline
+        self.packed_attention = packed_attention
 
     def parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Parameters by part: encoder, reducer, enhancer, projector, llm (and llm_base with LoRA).
@@ -45,6 +69,10 @@ class VisionLanguageModel(nn.Module):
         """
         parts = {k: [("vision." + n, p) for n, p in v] for k, v in split_parts(self.vision).items()}
         parts["projector"] = [("projector." + n, p) for n, p in self.projector.named_parameters()]
+        if self.image_newline is not None:
+            # LLaVA-NeXT trains it in stage 2 only, in its first use; here it is new in whichever stage tiles
+            # first, so it trains from there with the projector that feeds the rows it ends.
+            parts["projector"].append(("image_newline", self.image_newline))
         llm = [("llm." + n, p) for n, p in self.llm.named_parameters()]
         if not is_lora(self.llm):
             parts["llm"] = llm
@@ -81,15 +109,22 @@ class VisionLanguageModel(nn.Module):
         return "\n".join(lines)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[M, 3, S, S] normalised pixels -> [M, N, D] image embeddings in the LLM's input space."""
-        feats = self.vision(pixel_values)  # [M, N, C]
-        return self.projector(feats.to(self.projector_dtype()))  # [M, N, D]
+        """[K, 3, S, S] normalised pixels -> [K, N, D] embeddings in the LLM's input space, per encoder image."""
+        feats = self.vision(pixel_values)  # [K, N, C]
+        return self.projector(feats.to(self.projector_dtype()))  # [K, N, D]
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[K, 3, S, S] (+ image_sizes [M, 2], (height, width)) -> the LLM's image embeddings [L, D], image
+        after image, as the tower packs them (a tiling: unpadded, row ends; else N per image)."""
+        return self.vision.pack(self.encode_images(pixel_values), image_sizes, self.image_newline)
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [B, T] (+ images [M, 3, S, S]) -> inputs_embeds [B, T, D] with images in place."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids [B, T] (+ images [K, 3, S, S], image_sizes [M, 2]) -> inputs_embeds [B, T, D], images in place."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         is_image = input_ids == self.image_token_id  # [B, T]
         num_slots = int(is_image.sum())
@@ -100,13 +135,16 @@ class VisionLanguageModel(nn.Module):
                 # Text-only batch under DDP: touch the vision path with zero weight so every rank's
                 # trainable vision parameters get a (zero) gradient and the all-reduce lines up.
                 dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, device=embeds.device)
-                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
+                unused = self.encode_images(dummy).sum()
+                if self.image_newline is not None:
+                    unused = unused + self.image_newline.sum()
+                embeds = embeds + 0.0 * unused.to(embeds.dtype)
             return embeds
-        images = self.encode_images(pixel_values)  # [M, N, D]
-        if num_slots != images.shape[0] * images.shape[1]:
+        images = self.image_embeddings(pixel_values, image_sizes)  # [L, D]
+        if num_slots != images.shape[0]:
+            num_images = pixel_values.shape[0] if image_sizes is None else image_sizes.shape[0]
             raise ValueError(
-                f"input_ids hold {num_slots} image tokens but {images.shape[0]} image(s) give "
-                f"{images.shape[0]} x {images.shape[1]} embeddings"
+                f"input_ids hold {num_slots} image tokens but {num_images} image(s) give {images.shape[0]} embeddings"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), images.to(embeds.dtype))
 
@@ -119,6 +157,7 @@ class VisionLanguageModel(nn.Module):
         num_items_in_batch: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         full_logits: bool = False,
+        image_sizes: torch.Tensor | None = None,
     ):
         """Causal LM output (loss when labels [B, T] are given; -100 positions are ignored).
 
@@ -128,12 +167,17 @@ class VisionLanguageModel(nn.Module):
 
         `num_items_in_batch`: divide the summed token loss by this instead of this batch's label count
         (transformers' loss argument; VLMModule passes the global count / world size under DDP).
-        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample;
-        with `attention_mask=None` transformers then keeps the samples apart (block-diagonal causal mask).
+        `image_sizes` [M, 2]: (height, width) of each image, for a tiling tower (its views are `pixel_values`).
+        `position_ids` [B, T]: for packed rows (datamodules/packing.py), restarting at 0 at each sample, with
+        `attention_mask=None`; `packed_attention` keeps the samples apart (model/attention.py): a block-diagonal
+        causal mask that transformers builds from the resets, the varlen kernel's segments, or a document BlockMask.
         """
-        embeds = self.embed(input_ids, pixel_values)
-        extra = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
-        # (transformers only looks for packed samples in position_ids when there is no KV cache)
+        embeds = self.embed(input_ids, pixel_values, image_sizes)
+        extra = {}
+        if position_ids is not None:  # (transformers only looks for packed samples when there is no KV cache)
+            extra = {"position_ids": position_ids, "use_cache": False}
+            extra.update(packed_inputs(self.packed_attention, position_ids))
+            attention_mask = extra.pop("attention_mask", attention_mask)  # flex: the document mask
         if labels is not None and not full_logits and labelled_only(self.llm):
             return labelled_lm_loss(self.llm, embeds, labels, attention_mask, num_items_in_batch, **extra)
         if num_items_in_batch is not None:
@@ -141,6 +185,7 @@ class VisionLanguageModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **extra)
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # compiled blocks (model.compile) would recompile at every length
     def generate(
         self,
         prompt_ids: torch.Tensor,
@@ -151,10 +196,11 @@ class VisionLanguageModel(nn.Module):
         pad_id: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        image_sizes: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Decoding from left-padded prompts [B, P]: greedy with `temperature` 0, else sampling at that
         temperature from the top-`top_p` nucleus. Returns the new tokens of each sample (stop excluded)."""
-        embeds = self.embed(prompt_ids, pixel_values)
+        embeds = self.embed(prompt_ids, pixel_values, image_sizes)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         out = self.llm.generate(
             inputs_embeds=embeds,

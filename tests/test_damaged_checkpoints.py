@@ -86,18 +86,15 @@ def test_an_explicit_resume_to_a_damaged_file_is_an_error(tmp_path):
 def test_train_py_and_predict_with_a_damaged_last_checkpoint(shapes_root, tmp_path):
     """Through the command lines: resume=auto skips a truncated last.ckpt for the run's best checkpoint and says
     so; an explicit resume to it and tools.predict on it are one-line errors (status 2)."""
-    import subprocess
     import sys
 
-    from tests.support.paths import REPO
-    from tests.support.processes import train_cli_args
+    from tests.support.processes import run_training, train_cli_args
 
     root = str(tmp_path / "runs")
     common = ["logging.run_name=r", "trainer.max_steps=6", "trainer.max_epochs=2", "trainer.val_check_interval=3"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
 
-    def run(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    def run(*argv: str):
+        return run_training(list(argv), str(tmp_path))
 
     first = run(*train_cli_args(shapes_root, root, *common))
     assert first.returncode == 0, first.stderr[-3000:]

@@ -217,6 +217,21 @@ def test_a_run_without_image_first_keeps_the_image_where_the_parts_put_it(tokeni
     assert theirs == expand(ours, tokenizer)
 
 
+@pytest.mark.parametrize("template, name", [("chatml", "qwen2"), ("vicuna_v1", "vicuna"), ("llama3", "llama3")])
+def test_the_exported_template_places_the_image_by_the_templates_rule(tokenizer_dir, template, name):
+    """String content placed as training places it (`Template.placement`): chatml keeps a turn that starts with
+    the image as written (LLaVA-NeXT), the others move and strip it (LLaVA); several images stay as written."""
+    path = os.path.join(tokenizer_dir, name)
+    tokenizer, processor = real_tokenizer(path), real_processor(path, template, None)
+    image = Image.fromarray(photos.astronaut()).resize((32, 32))
+    for value in ["<image>What is it?", "<image>\n  Spaced. ", " What?\n<image> ", "<image>\n<image>\nCompare."]:
+        prompt = processor.apply_chat_template([{"role": "user", "content": value}], add_generation_prompt=True)
+        images = [image] * value.count("<image>")
+        theirs = processor(images=images, text=prompt)["input_ids"][0]
+        ours = encode(tokenizer, [{"from": "human", "value": value}, {"from": "gpt", "value": "x"}], template)
+        assert theirs == expand(ours.prompt_ids, tokenizer), (value, prompt)
+
+
 def test_sentencepiece_needs_a_space_after_the_image(tokenizer_dir):
     """Measured on Vicuna's tokenizer: LLaMA's SentencePiece puts "▁" in front of a string but not after a
     special token, so the text after <image>, tokenised on its own in training, starts with "▁" that the

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from foundation.schema import ConfigError
 from lit_modules.lr_schedule import WarmupCosine
 from tests.support.events import scalars
-from tests.support.paths import REPO
-from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
+from tests.support.processes import kill_after_checkpoint, run_training, start_training, train_cli_args
 
 
 @pytest.mark.parametrize("warmup, total, floor", [(0, 10, 0.0), (3, 50, 0.1), (5, 7, 0.0), (0, 1, 1.0)])
@@ -85,15 +83,11 @@ def test_train_py_refuses_a_longer_resume_then_extends_it_as_asked(shapes_root, 
     first = start_training(args("trainer.max_steps=12"), str(tmp_path))
     killed_at = kill_after_checkpoint(first, os.path.join(root, "quickstart", "r", "checkpoints", "last.ckpt"))
 
-    def train(*extra: str) -> subprocess.CompletedProcess:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        return subprocess.run(args(*extra), cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
-
-    refused = train("trainer.max_steps=20", "resume=auto")
+    refused = run_training(args("trainer.max_steps=20", "resume=auto"), str(tmp_path))
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the resumed run's lr schedule ends at step 12, and trainer.max_steps")
-    extended = train("trainer.max_steps=20", "resume=auto", "optim.extend=cosine")
+    extended = run_training(args("trainer.max_steps=20", "resume=auto", "optim.extend=cosine"), str(tmp_path))
     assert extended.returncode == 0, extended.stderr[-3000:]
     lr = scalars(os.path.join(root, "quickstart", "r"), "lr/projector")  # the rate each step trains with
     expected = WarmupCosine(3, 12, 0.1)

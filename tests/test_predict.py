@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from experiment.config import config_from_dict, load_config
 from inference.load import find_checkpoint, load_predictor
 from lit_modules.predictor import Predictor
 from tests.support.paths import REPO
+from tests.support.processes import run_training
 from tests.support.quickstart import tiny_overrides
 from tests.support.runs import fit
 from tools.predict import chat
@@ -63,13 +63,13 @@ def test_chat_keeps_the_conversation(trained, shapes_root):
     assert said[1] == predictor.ask("How many?", image, history[:1])  # the second turn sees the first
 
 
-@pytest.mark.slow  # a process importing torch, transformers and lightning, plus the file's answers
+@pytest.mark.slow  # the command line's process (forked from the test's process server: about 7 s to start it)
 def test_command_line_writes_jsonl(trained, shapes_root, tmp_path):
     out = tmp_path / "answers.jsonl"
     data = os.path.join(shapes_root, "sft_val.json")
     cmd = [sys.executable, "-m", "tools.predict", trained, "--data", data, "--image-folder", shapes_root,
            "--out", str(out), "--max-new-tokens", "4", "--batch-size", "3"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = run_training(cmd, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     records = json.load(open(data))

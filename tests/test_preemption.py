@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.support.paths import REPO
-from tests.support.processes import start_training, train_cli_args
+from tests.support.processes import run_training, start_training, train_cli_args
 
 EVERY = 3  # steps between checkpoints, validations and benchmark scores
 
@@ -66,14 +64,7 @@ def test_sigterm_during_long_evaluation_saves_and_exits_at_the_next_batch(shapes
         assert step == EVERY and "val/loss" not in _tags(run_dir)
     else:  # scoring stopped, nothing logged; the next step saved and stopped
         assert step == EVERY + 1 and not os.path.exists(os.path.join(run_dir, "eval", f"long-step{EVERY}.json"))
-    resumed = subprocess.run(
-        train_cli_args(shapes_root, root, *common, "resume=auto"),
-        cwd=str(tmp_path),
-        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_training(train_cli_args(shapes_root, root, *common, "resume=auto"), str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 12  # trained on to the end
 

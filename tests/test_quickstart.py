@@ -1,6 +1,6 @@
-"""The README's promise: `python train.py` trains the quickstart to >= 0.9 held-out exact match.
+"""The README's promise: `python train.py` trains the quickstart to >= 0.95 held-out exact match.
 
-Slow (about 4 minutes on 2 CPU cores alone), and run in CI because the README makes the promise. It runs
+Slow (about 3 minutes on 2 CPU cores alone), and run in CI because the README makes the promise. It runs
 train.py as the README does (a subprocess), started when this test is collected (tests/conftest.py) so that it
 trains on one thread beside the other tests, on the other core; the minutes it prints are then not the README's
 time, which is measured alone.
@@ -17,11 +17,11 @@ from tests.support.readme_quickstart import start_quickstart
 
 
 @pytest.mark.slow
-def test_quickstart_reaches_90_percent_exact_match(request):
+def test_quickstart_reaches_95_percent_exact_match(request):
     run = getattr(request.config, "quickstart", None) or start_quickstart()  # started at collection, or now
     proc, minutes = run.finish()
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = list(scalars(os.path.join(run.root, "runs", "quickstart", "defaults"), "val/exact_match").values())
     print(f"quickstart: {minutes:.1f} min (beside other tests), held-out exact match per validation: {accuracy}")
     assert os.path.exists(os.path.join(run.root, "runs", "quickstart", "defaults", "checkpoints", "last.ckpt"))
-    assert accuracy[-1] >= 0.9
+    assert accuracy[-1] >= 0.95

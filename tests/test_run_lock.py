@@ -14,7 +14,7 @@ import pytest
 from experiment.run_dir import LOCK, RunLock
 from foundation.schema import ConfigError
 from tests.support.paths import REPO
-from tests.support.processes import start_training, train_cli_args
+from tests.support.processes import run_training, start_training, train_cli_args
 
 HOLD = (
     "import sys, time; from experiment.run_dir import RunLock;"
@@ -57,7 +57,7 @@ def test_train_py_refuses_a_run_that_another_job_is_training(shapes_root, tmp_pa
         while not (os.path.exists(lock) and open(lock).read()):
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.05)
-        second = subprocess.run(args, cwd=str(tmp_path), capture_output=True, text=True, env=_env(), timeout=120)
+        second = run_training(args, str(tmp_path), timeout=120)
         assert second.returncode == 2, second.stderr[-3000:]
         (line,) = second.stderr.strip().splitlines()
         assert line.startswith(f"error: {os.path.dirname(lock)} is in use by another job (pid {first.pid} on ")
@@ -73,7 +73,3 @@ def test_train_py_refuses_a_run_that_another_job_is_training(shapes_root, tmp_pa
     finally:
         os.killpg(third.pid, signal.SIGKILL)
         third.wait()
-
-
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)

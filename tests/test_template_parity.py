@@ -3,9 +3,11 @@
 The references are restated here from their sources (not imported): LLaVA (haotian-liu/LLaVA,
 llava/train/train.py `preprocess_multimodal`, `preprocess_plain`, `preprocess_v1`; llava/mm_utils.py
 `tokenizer_image_token`; llava/conversation.py `conv_vicuna_v1`), INF-LLaVA (INF_llava/train/train.py
-`preprocess_llama3`, INF_llava/conversation.py `conv_llama3`) and LLaVA-NeXT (llava/train/train.py
-`preprocess_qwen`). The tokenizers are the real ones (tests/fixtures/build_tokenizers.py), built once
-per checkout into data/generated/tokenizers/; without network on a fresh checkout these tests fail.
+`preprocess_llama3`, INF_llava/conversation.py `conv_llama3`) and LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT,
+llava/train/train.py `preprocess_multimodal`, `preprocess_qwen`, `preprocess_plain`; its removal of the string
+"QA_GT_caption_based_noisy", a clean-up of one data set, is not restated). The tokenizers are the real ones
+(tests/fixtures/build_tokenizers.py), built once per checkout into data/generated/tokenizers/; without network
+on a fresh checkout these tests fail.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ CONVERSATIONS = {
     "text only multi-turn": turns("Say hi.", "Hi!", "Now in German.", "Hallo!"),
     "unicode": turns(f"{IMG}\nDescribe it in German.", "Äpfel und Birnen — 3½ Stück, 🦙."),
     "newline in answer": turns("List two fruits.", "1. apples\n2. pears"),
+    # LLaVA moves and strips these; LLaVA-NeXT keeps a turn that starts with the placeholder as written
+    "image first, no newline": turns(f"{IMG}What is in the picture?", "A cat."),
+    "image turn with outer whitespace": turns(f"{IMG}\n  Describe it.\n ", "A dog.", " And now? ", "Sitting."),
+    "image last, whitespace": turns(f" Where is it?\n{IMG}  ", "In a box."),
 }
 PLAIN = {k: v for k, v in CONVERSATIONS.items() if len(v) == 2 and IMG in v[0]["value"]}
+# preprocess_plain keeps a caption's whitespace (only the project's refusal of an all-whitespace one differs)
+PLAIN |= {repr(c): turns(IMG, c) for c in [" leading space", "trailing space ", "\nnewline first", "newline last\n"]}
 SYSTEMS = [None, "Answer briefly."]
+EDGE_ANSWERS = [" leading space", "trailing space ", "\n\nblank line first", "ends with a newline\n", "a\tb  c", "ok"]
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +70,18 @@ def llava_move_image(conv: list[dict]) -> list[tuple[str, str]]:
     for t in conv:
         v = t["value"]
         if IMG in v:
+            v = (IMG + "\n" + v.replace(IMG, "").strip()).strip()
+        out.append((t["from"], v))
+    return out
+
+
+def llava_next_move_image(conv: list[dict]) -> list[tuple[str, str]]:
+    """LLaVA-NeXT's preprocess_multimodal: LLaVA's move, applied only to a turn holding exactly one
+    placeholder that does not start with it; every other turn stays as written."""
+    out = []
+    for t in conv:
+        v = t["value"]
+        if v.count(IMG) == 1 and not v.startswith(IMG):
             v = (IMG + "\n" + v.replace(IMG, "").strip()).strip()
         out.append((t["from"], v))
     return out
@@ -155,13 +176,17 @@ def ref_llama3(tok, conv, system):
     return ids[1:], labels[1:], gen[1:]
 
 
+def qwen_messages(conv, system):
+    msgs = [("user" if frm == "human" else "assistant", v) for frm, v in llava_next_move_image(conv)]
+    return ([("system", system)] if system else []) + msgs
+
+
 def ref_qwen(tok, conv, system):
-    """preprocess_qwen ids: each message rendered as <|im_start|>role\\ntext<|im_end|>\\n and tokenised
-    on its own, <image> a special token. Labels restated as this project defines them for ChatML
-    (the reference also trains headers and every "\\n"): an answer and its <|im_end|>."""
-    msgs = [("user" if frm == "human" else "assistant", v) for frm, v in llava_move_image(conv)]
-    if system:
-        msgs = [("system", system)] + msgs
+    """preprocess_qwen ids (after LLaVA-NeXT's preprocess_multimodal): each message rendered as
+    <|im_start|>role\\ntext<|im_end|>\\n and tokenised on its own, <image> a special token. Labels as this
+    project defines them for ChatML (README; `ref_qwen_labels` has the reference's): an answer and its
+    <|im_end|>."""
+    msgs = qwen_messages(conv, system)
     ids, labels = [], []
     for role, v in msgs:
         head = tok(f"<|im_start|>{role}\n", add_special_tokens=False)["input_ids"]
@@ -175,6 +200,19 @@ def ref_qwen(tok, conv, system):
     last = len(tok(f"<|im_start|>assistant\n{msgs[-1][1]}<|im_end|>\n", add_special_tokens=False)["input_ids"])
     gen = ids[:-last] + tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     return ids, labels, gen
+
+
+def ref_qwen_labels(tok, conv, system):
+    """preprocess_qwen's own labels: a system or user message masked, an assistant message trained whole
+    (header, answer, <|im_end|>, "\\n"), then every token with the id of "\\n" (198), <|im_start|> or
+    <|im_end|> trained wherever it is."""
+    labels = []
+    for role, v in qwen_messages(conv, system):
+        msg = tok(f"<|im_start|>{role}\n{v}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        labels += msg if role == "assistant" else [IGNORE_INDEX] * len(msg)
+    ids = ref_qwen(tok, conv, system)[0]
+    unmask = {198, tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")}
+    return [t if t in unmask else lab for t, lab in zip(ids, labels)]
 
 
 def ref_plain(tok, conv):
@@ -235,20 +273,85 @@ def test_plain_equals_llava(toks, name):
     ],
 )
 def test_chat_template_equals_named_template(toks, name, named, system, jinja_system):
-    """The tokenizer's own Jinja template and the named template give the same ids, labels and prompt."""
+    """The tokenizer's own Jinja template and the named template give the same ids, labels and prompt: under
+    Qwen2's template for every conversation, whitespace in answers included; under Llama-3's where its template
+    (which trims each message) and LLaVA's placement (INF-LLaVA's, the named llama3's) leave the text as
+    LLaVA-NeXT's placement (chat_template's) does (`test_llama3_chat_template_differs_where_documented`)."""
     tok = toks[name]
-    for conv in CONVERSATIONS.values():
+    convs = list(CONVERSATIONS.values()) + [turns(f"{IMG}\nQ?", "A.", "More?", a) for a in EDGE_ANSWERS]
+    if name == "llama3":
+        same = [c for c in convs if llava_move_image(c) == llava_next_move_image(c)]
+        convs = [c for c in same if all(v == v.strip() for _, v in llava_move_image(c))]
+        assert len(convs) >= 10
+    for conv in convs:
         a = encode(tok, conv, named, system)
         b = encode(tok, conv, "chat_template", jinja_system)
         assert (a.input_ids, a.labels, a.prompt_ids) == (b.input_ids, b.labels, b.prompt_ids)
 
 
-def test_qwen_chat_template_supervises_what_chatml_does(toks):
-    """The "\\n" after <|im_end|> is a separator in both: masked (generation stops at <|im_end|>)."""
+def decoded_labels(tok, labels: list[int]) -> str:
+    return tok.decode([t for t in labels if t != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("template", ["chatml", "chat_template"])
+def test_qwen_trains_what_chatml_does(toks, template):
+    """The "\\n" after <|im_end|> is a separator under both (named and Qwen2's own): masked, as generation
+    stops at <|im_end|>; also for answers ending in whitespace."""
     tok = toks["qwen2"]
-    enc = encode(tok, CONVERSATIONS["multi-turn image"], "chat_template")
-    trained = [t for t in enc.labels if t != IGNORE_INDEX]
-    assert tok.decode(trained) == "There are 3 shapes.<|im_end|>The blue square.<|im_end|>"
+    enc = encode(tok, CONVERSATIONS["multi-turn image"], template)
+    assert decoded_labels(tok, enc.labels) == "There are 3 shapes.<|im_end|>The blue square.<|im_end|>"
+    enc = encode(tok, turns("Q?", "spaces \n", "More?", "\nnewlines\n\n"), template)
+    assert decoded_labels(tok, enc.labels) == "spaces \n<|im_end|>\nnewlines\n\n<|im_end|>"
+
+
+def test_chatml_labels_against_llava_next(toks):
+    """What preprocess_qwen trains beyond chatml is exactly README's list: assistant headers, and the "\\n",
+    <|im_start|> and <|im_end|> tokens outside answers; everything chatml trains, it trains too."""
+    tok = toks["qwen2"]
+    extra = {"<|im_start|>", "assistant", "\n", "<|im_end|>"}
+    for conv in CONVERSATIONS.values():
+        ours, theirs = encode(tok, conv, "chatml", QWEN_SYSTEM).labels, ref_qwen_labels(tok, conv, QWEN_SYSTEM)
+        assert len(ours) == len(theirs)
+        assert all(b == a for a, b in zip(ours, theirs) if a != IGNORE_INDEX)
+        assert {tok.decode([b]) for a, b in zip(ours, theirs) if a == IGNORE_INDEX != b} == extra
+    conv = CONVERSATIONS["multi-turn image"]
+    assert decoded_labels(tok, ref_qwen_labels(tok, conv, QWEN_SYSTEM)) == (
+        "<|im_start|>\n<|im_end|>\n"  # system
+        "<|im_start|>\n\n<|im_end|>\n"  # user: the "\\n" after the header and the one after <image>
+        "<|im_start|>assistant\nThere are 3 shapes.<|im_end|>\n"
+        "<|im_start|>\n<|im_end|>\n"
+        "<|im_start|>assistant\nThe blue square.<|im_end|>\n"
+    )
+
+
+def test_llama3_chat_template_differs_where_documented(toks):
+    """Llama-3's own template trims each message, and chat_template places the image as LLaVA-NeXT does (a turn
+    starting with it stays as written); the named llama3 is INF-LLaVA's (LLaVA's placement, text as written)."""
+    tok = toks["llama3"]
+    conv = turns(f"{IMG} Describe it.", " A dog. ")
+    named, own = encode(tok, conv, "llama3", "S"), encode(tok, conv, "chat_template", "S")
+    assert "user<|end_header_id|>\n\n<image>\nDescribe it.<|eot_id|>" in tok.decode(named.input_ids)
+    assert "user<|end_header_id|>\n\n<image> Describe it.<|eot_id|>" in tok.decode(own.input_ids)
+    assert decoded_labels(tok, named.labels) == " A dog. <|eot_id|>"
+    assert decoded_labels(tok, own.labels) == "A dog.<|eot_id|>"
+
+
+@pytest.mark.parametrize(
+    "name, template", [("vicuna", "vicuna_v1"), ("llama3", "llama3"), ("qwen2", "chatml"), ("qwen2", "chat_template")]
+)
+def test_a_turn_with_several_images_is_kept_as_written(toks, name, template):
+    """LLaVA-NeXT keeps a turn with several placeholders as written (chatml: its ids and labels); LLaVA-1.5 has
+    no such records (its move would leave one placeholder for two images): the project keeps them under every
+    template, so each placeholder can take its image."""
+    tok = toks[name]
+    image_id = tok.convert_tokens_to_ids(IMG)
+    for first in [f"{IMG}\n{IMG}\nCompare them.", f"Compare {IMG} and {IMG} .", f"{IMG}{IMG}"]:
+        conv = turns(first, "Alike.", "Sure?", "Yes.")
+        enc = encode(tok, conv, template, QWEN_SYSTEM)
+        assert enc.input_ids.count(image_id) == 2
+        assert enc.input_ids == encode(tok, conv, template, QWEN_SYSTEM, image_first=False).input_ids
+        if template == "chatml":
+            check(enc, ref_qwen(tok, conv, QWEN_SYSTEM))
 
 
 @pytest.mark.parametrize("name, template", [("llama3", "llama3"), ("qwen2", "chatml"), ("qwen2", "chat_template")])
@@ -312,9 +415,6 @@ def test_chat_template_whose_prefixes_are_not_prefixes_is_refused(tokenizer_dir)
     tok.chat_template = tok.chat_template.replace(fixed, tail)
     with pytest.raises(TemplateError, match="use a named template"):
         encode(tok, CONVERSATIONS["multi-turn image"], "chat_template")
-
-
-EDGE_ANSWERS = [" leading space", "trailing space ", "\n\nblank line first", "ends with a newline\n", "a\tb  c", "ok"]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from datamodules.templates import IGNORE_INDEX, TemplateError, encode
+from datamodules.templates import IGNORE_INDEX, TEMPLATES, TemplateError, encode, move_image_first
 
 X = None  # marks a masked position in the expected labels
 
@@ -209,3 +209,28 @@ def test_vicuna_v1(llama3_words):
 def test_broken_conversations(tokenizer, turns, needle):
     with pytest.raises(TemplateError, match=needle):
         encode(tokenizer, turns, "chatml")
+
+
+@pytest.mark.parametrize(
+    "text, llava, llava_next",
+    [
+        ("<image>\nWhat?", "<image>\nWhat?", "<image>\nWhat?"),
+        ("<image>What?", "<image>\nWhat?", "<image>What?"),  # LLaVA-NeXT adds no newline ...
+        ("<image>\n  What? \n", "<image>\nWhat?", "<image>\n  What? \n"),  # ... and strips nothing
+        ("  What?\n<image> ", "<image>\nWhat?", "<image>\nWhat?"),  # not at the start: both move it
+        ("<image>", "<image>", "<image>"),
+        (" <image> ", "<image>", "<image>"),
+        ("<image>\n<image>\nCompare.", "<image>\n<image>\nCompare.", "<image>\n<image>\nCompare."),  # as written
+        (" No image. ", " No image. ", " No image. "),
+    ],
+)
+def test_image_placement(text, llava, llava_next):
+    """Golden strings read off LLaVA's and LLaVA-NeXT's preprocess_multimodal (a turn with one placeholder);
+    each named template uses its reference's rule."""
+    for placement, want in (("llava", llava), ("llava_next", llava_next)):
+        assert move_image_first([("user", text)], "<image>", placement) == [("user", want)]
+    names = ["plain", "vicuna_v1", "llama3", "chatml", "chat_template"]
+    rules = {name: TEMPLATES.get(name).placement for name in names}
+    assert rules == {
+        "plain": "llava", "vicuna_v1": "llava", "llama3": "llava", "chatml": "llava_next", "chat_template": "llava_next"
+    }  # fmt: skip

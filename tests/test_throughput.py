@@ -90,3 +90,29 @@ def test_data_wait_fraction(monkeypatch):
     assert m["throughput/text_tokens_per_sec"] == pytest.approx(4 / 0.4)  # 2 text tokens (padding left out)
     steps = [(s["step_time"], s["data_wait"]) for s in cb.history]
     assert steps == [pytest.approx((0.1, 0.0)), pytest.approx((0.3, 0.2)), pytest.approx((0.3, 0.2))]
+
+
+def test_image_tokens_per_batch_follow_each_batch(monkeypatch):
+    """A tiling gives each batch its own image-token count (AnyRes: by the images' sizes): the window logs their
+    mean and the largest, and the history counts images by `image_sizes`, not by their views."""
+    import lit_modules.callbacks.throughput as throughput
+
+    monkeypatch.setattr(throughput, "time", FakeClock())
+    logged = []
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(log_metrics=lambda m, step: logged.append(m))], global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"), model=SimpleNamespace(image_token_id=7))
+    batches = [
+        {"input_ids": torch.tensor([[7, 7, 7, 1]]), "image_sizes": torch.tensor([[40, 600]]),
+         "pixel_values": torch.zeros(4, 3, 2, 2)},  # one image, 4 views, 3 image tokens
+        {"input_ids": torch.tensor([[7, 7, 7, 7, 7, 1], [7, 7, 7, 7, 7, 2]]),
+         "image_sizes": torch.tensor([[30, 30], [20, 26]]), "pixel_values": torch.zeros(2, 3, 2, 2)},
+    ]  # fmt: skip
+    cb = StepThroughput(every_n_steps=2, keep_history=True)
+    for i, batch in enumerate(batches):
+        cb.on_train_batch_start(trainer, module, batch, i)
+        throughput.time.now += 0.1
+        cb.on_train_batch_end(trainer, module, None, batch, i)
+    (m,) = logged
+    assert m["throughput/image_tokens_per_batch"] == pytest.approx((3 + 10) / 2)
+    assert m["throughput/max_image_tokens_per_batch"] == 10
+    assert [s["images"] for s in cb.history] == [1, 2] and [s["image_tokens"] for s in cb.history] == [3, 10]

@@ -5,6 +5,9 @@
         image_folder: data/textvqa/images, metric: vqa_accuracy, options: {protocol: textvqa},
         prompt_suffix: "\\nAnswer the question using a single word or phrase."}]'
 
+    python -m tools.evaluate experiments/X.yaml model.from_hf=/models/llava-1.5-7b-hf 'eval.sets=[...]'
+                                             # a released model (or any recipe) before training, as a baseline
+
 The sets come from the run's stored config, changed by `key=value` overrides (the file format is in
 foundation/schema.py `EvalSetConfig`; metrics in metrics/). Prints one line per set and metric key
 and writes every score and answer to --out (JSON).
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run", help="run directory or checkpoint file")
+    parser.add_argument("run", help="run directory, checkpoint file, or an experiment YAML (its untrained model)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.sets=[...]")
     parser.add_argument("--checkpoint", default="last", choices=["last", "best"])
     parser.add_argument("--out", default="scores.json", help="JSON with every score and answer")

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     predictor = load_predictor(args.run, args.checkpoint)
     out = export_llava(predictor.module, predictor.datamodule.template, args.out_dir)
-    print(f"exported: {out}  (LlavaForConditionalGeneration / AutoProcessor .from_pretrained)")
+    print(f"exported: {out}  (AutoModelForImageTextToText / AutoProcessor .from_pretrained)")
     return out
 
 

@@ -230,6 +230,7 @@ class VLMLightning(lmms):
                 batch["input_ids"].to(module.device),
                 batch["attention_mask"].to(module.device),
                 None if pixels is None else pixels.to(module.device),
+                image_sizes=batch.get("image_sizes"),  # [M, 2] with a tiling (AnyRes): the views' images
             ).logits  # [B, T, V]
         finally:
             module.train(training)

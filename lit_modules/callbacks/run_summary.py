@@ -20,6 +20,7 @@ LAYOUT = {
     },
     "throughput": {
         "tokens per second": ["Multiline", ["throughput/image_tokens_per_sec", "throughput/text_tokens_per_sec"]],
+        "image tokens per batch": ["Multiline", ["throughput/.*image_tokens_per_batch"]],
         "samples per second": ["Multiline", ["throughput/device/samples_per_sec"]],
         "data wait": ["Multiline", ["throughput/data_wait_fraction"]],
     },

@@ -8,6 +8,10 @@ callback list, and adds the VLM-specific split and where the time goes.
 One step's time runs from the previous `on_train_batch_end` to this one. The part of it before
 `on_train_batch_start` is "data wait": fetching the batch, plus any work other callbacks do between
 steps (a checkpoint save shows up here too). Validation time is left out.
+
+With compiled blocks (`model.compile`, model/blocks.py) `StepThroughput` also prints the compile time once: dynamo
+and inductor run inside the first step (forward and backward graphs), so the first step's compute time less the
+second's is about what compiling took.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from model.blocks import compiled_blocks
 from model.flops import StepFlops
 
 TAGS = (
     "throughput/image_tokens_per_sec",
     "throughput/text_tokens_per_sec",
+    # image tokens per training batch (mean and largest over the window): with a tiling (AnyRes) they vary with
+    # the images' sizes, and the largest is what the memory has to hold
+    "throughput/image_tokens_per_batch",
+    "throughput/max_image_tokens_per_batch",
     "throughput/data_wait_fraction",
     "throughput/peak_memory_gib",
 )
@@ -77,16 +86,19 @@ class StepThroughput(L.Callback):
         self._window = self._empty()
         self._flop_model: StepFlops | None = None
         self._no_flops = False  # the FLOP model could not be built for this model
+        self._compiled = 0  # blocks compiled by model.compile
+        self._first_steps: list[float] = []  # compute seconds of the first two steps, with compiled blocks
 
     @staticmethod
     def _empty() -> dict:
-        return {"time": 0.0, "wait": 0.0, "text": 0, "image": 0}
+        return {"time": 0.0, "wait": 0.0, "text": 0, "image": 0, "batches": 0, "image_max": 0}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # Before the strategy wraps the model: DeepSpeed's hooks cannot be deep-copied for the meta-device
         # probe, and ZeRO-3 / FSDP shard the parameters whose shapes the FLOP model reads.
         if stage == "fit":
             self._has_flop_model(pl_module)
+            self._compiled = compiled_blocks(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -115,19 +127,23 @@ class StepThroughput(L.Callback):
             self._last_end = self._start
         step_time, wait = end - self._last_end, max(0.0, self._start - self._last_end)
         self._last_end = end
+        if self._compiled and len(self._first_steps) < 2:
+            self._report_compile(end - self._start)
         image, text = _token_counts(batch, getattr(getattr(pl_module, "model", None), "image_token_id", None))
         w = self._window
         w["time"] += step_time
         w["wait"] += wait
         w["text"] += text
         w["image"] += image
+        w["batches"] += 1
+        w["image_max"] = max(w["image_max"], image)
         if self.keep_history:
             self.history.append(
                 {
                     "step_time": step_time,
                     "data_wait": wait,
                     "samples": len(batch.get("ids", [])),  # samples, not rows (packed rows hold several)
-                    "images": int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0,
+                    "images": _num_images(batch),
                     "text_tokens": text,
                     "image_tokens": image,
                     "flops": getattr(pl_module, "flops_per_batch", None),
@@ -135,21 +151,40 @@ class StepThroughput(L.Callback):
                 }
             )
         if (batch_idx + 1) % self.every_n_steps == 0 and w["time"] > 0:
-            metrics = dict(
-                zip(
-                    TAGS,
-                    (w["image"] / w["time"], w["text"] / w["time"], w["wait"] / w["time"], peak_memory_gib(device)),
-                )
+            values = (
+                w["image"] / w["time"],
+                w["text"] / w["time"],
+                w["image"] / w["batches"],
+                w["image_max"],
+                w["wait"] / w["time"],
+                peak_memory_gib(device),
             )
+            metrics = dict(zip(TAGS, values))
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self._window = self._empty()
+
+    def _report_compile(self, seconds: float) -> None:
+        self._first_steps.append(seconds)
+        if len(self._first_steps) == 2:
+            first, second = self._first_steps
+            rank_zero_info(
+                f"model.compile: {self._compiled} blocks compiled in about {first - second:.1f} s "
+                f"(first step {first:.1f} s, second {second:.2f} s)"
+            )
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last_end = None  # the validation loop is not data wait
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last_end = None  # nor is the end-of-epoch work (so an epoch's first step counts no wait)
+
+
+def _num_images(batch: dict) -> int:
+    """Images in the batch: one row of `image_sizes` each with a tiling (whose `pixel_values` are the views)."""
+    if batch.get("image_sizes") is not None:
+        return int(batch["image_sizes"].shape[0])
+    return int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
 
 
 def _token_counts(batch: dict, image_token_id: int | None) -> tuple[int, int]:

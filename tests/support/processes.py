@@ -1,5 +1,6 @@
-"""train.py as a user launches it: its argv for the shrunk quickstart, started in a process group of its own,
-and killed (or signalled) as soon as it writes a checkpoint."""
+"""train.py as a user launches it: its argv for the shrunk quickstart, started as a process with a session of its
+own (forked from a server that has imported torch once: tests/support/zygote.py), and killed (or signalled) as soon
+as it writes a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import torch
 
+from tests.support import zygote
 from tests.support.paths import REPO
 from tests.support.quickstart import tiny_overrides
 
@@ -20,12 +22,19 @@ def train_cli_args(shapes_root: str, run_root: str, *extra: str) -> list[str]:
     return [sys.executable, os.path.join(REPO, "train.py"), *tiny_overrides(shapes_root, run_root), *extra]
 
 
-def start_training(argv: list[str], cwd: str) -> subprocess.Popen:
-    """train.py in a process group of its own (so it and its DataLoader workers can be killed together)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+def start_training(argv: list[str], cwd: str) -> zygote.ForkedProcess:
+    """`python train.py ...` (or `python -m tool ...`) in a session of its own (so it and its DataLoader workers
+    can be killed together), stdout and stderr merged."""
+    return zygote.start(argv, cwd, _env())
+
+
+def run_training(argv: list[str], cwd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python train.py ...` (or `python -m tool ...`) to its end, as `subprocess.run(capture_output=True)`."""
+    return zygote.run(argv, cwd, _env(), timeout)
 
 
 def kill_after_checkpoint(proc, checkpoint: str, timeout: float = 300, sig: int | None = None) -> int:
@@ -89,10 +98,7 @@ def run_commands_in_one_process(commands: list[list[str]], cwd: str = REPO) -> l
     command lines' messages and exit codes, where importing torch once per command would cost most of the time."""
     import json
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    proc = zygote.run([sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd, _env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.splitlines()[-1])
     return [
@@ -117,13 +123,13 @@ SIXTEEN_STEPS = (
 )
 
 
-def start_sixteen_steps(tmp_path, shapes_root: str, name: str, *extra: str) -> subprocess.Popen:
+def start_sixteen_steps(tmp_path, shapes_root: str, name: str, *extra: str) -> zygote.ForkedProcess:
     """train.py as a user launches it, for 16 steps of the shrunk quickstart, as run `name` under tmp_path/runs."""
     args = train_cli_args(shapes_root, str(tmp_path / "runs"), *SIXTEEN_STEPS, f"logging.run_name={name}", *extra)
     return start_training(args, str(tmp_path))
 
 
-def finished_losses(tmp_path, proc: subprocess.Popen, name: str) -> dict[int, float]:
+def finished_losses(tmp_path, proc: zygote.ForkedProcess, name: str) -> dict[int, float]:
     """The run's TensorBoard train/loss {step: value}, once its process has ended (with status 0)."""
     from tests.support.events import scalars
 
