@@ -46,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
     for part in cfg.optim.lr_per_part:
         choice(f"optim.lr_per_part.{part}", part, PARTS)
     choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    choice("data.multi_image", cfg.data.multi_image, ("base", "tiles"))
     choice("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
     choice("optim.extend", cfg.optim.extend, EXTENSIONS)
     registered("model.projector", cfg.model.projector, PROJECTORS)
@@ -157,6 +158,7 @@ RANGES = (
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.val_batch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.max_length", lambda v: v >= 1, ">= 1"),
+    ("data.video_frames", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.index_workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
