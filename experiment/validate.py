@@ -47,6 +47,7 @@ def validate(cfg: DictConfig) -> None:
         choice(f"optim.lr_per_part.{part}", part, PARTS)
     choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
     choice("data.multi_image", cfg.data.multi_image, ("base", "tiles"))
+    _video_time_prompt(cfg.data.video_time_prompt)
     choice("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
     choice("optim.extend", cfg.optim.extend, EXTENSIONS)
     registered("model.projector", cfg.model.projector, PROJECTORS)
@@ -248,3 +249,16 @@ def _validate_from_hf(model: DictConfig) -> None:
                 f"'model.{key}' = {OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r} is "
                 f"set, but 'model.from_hf' = {model.from_hf!r} gives every weight of the model; set it to null"
             )
+
+
+def _video_time_prompt(text: str | None) -> None:
+    """`data.video_time_prompt` fills {duration}, {frames} and {times} only (datamodules/video.py)."""
+    if text is None:
+        return
+    try:
+        text.format(duration=0.0, frames=1, times="0.00s")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"'data.video_time_prompt' = {text!r} does not format ({type(err).__name__}: {err}); it may use "
+            "{duration}, {frames} and {times}"
+        ) from None

@@ -29,7 +29,7 @@ from datamodules.llava_data import LLaVADataset, Sample
 from datamodules.templates import encode
 from experiment.assemble import build_module
 from experiment.config import load_config
-from foundation.schema import DataConfig
+from foundation.schema import ConfigError, DataConfig
 from foundation.views import VIEW_BASE_ONLY, VIEW_NEWLINE, VIEW_POOL
 from inference.export import export_llava
 from tests.support.quickstart import tiny_overrides
@@ -250,3 +250,10 @@ def test_an_unreadable_image_stands_in_with_matching_views_and_tokens(tiny, medi
         ids = torch.tensor([item["input_ids"]])
         with torch.no_grad():  # embed checks that the image tokens and the packed embeddings agree
             model.embed(ids, item["pixel_values"], sizes)
+
+
+def test_a_time_prompt_with_other_fields_is_a_config_error(shapes_root, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"'data.video_time_prompt' = .*\{fps\}.*\{duration\}, \{frames\} and \{times\}"
+    ):
+        load_config(None, tiny_overrides(shapes_root, str(tmp_path)) + ["data.video_time_prompt='at {fps} fps'"])
