@@ -370,6 +370,10 @@ def per_sample_fields(items: list[dict]) -> dict:
         "pixel_values": torch.cat(images) if images else None,
         "image_sizes": torch.tensor(sizes, dtype=torch.long) if sizes else None,
         "has_image": torch.tensor([x["pixel_values"] is not None for x in items]),
+        # images per sample (a video: its frames), which image_sizes rows are whose
+        "num_images": torch.tensor(
+            [len(x.get("image_sizes") or ()) or int(x["pixel_values"] is not None) for x in items]
+        ),
         "skipped": torch.tensor([bool(x.get("skipped")) for x in items]),
         "ids": [x["id"] for x in items],
         "answers": [x["answer"] for x in items],

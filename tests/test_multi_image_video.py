@@ -25,13 +25,14 @@ from datamodules import ImageSpec, LLaVADataModule
 from datamodules.image_tokens import header_size
 from datamodules.images import load_image
 from datamodules.json_scan import DataError
-from datamodules.llava_data import LLaVADataset, Sample
+from datamodules.llava_data import LLaVADataset, Sample, collate
 from datamodules.templates import encode
 from experiment.assemble import build_module
 from experiment.config import load_config
 from foundation.schema import ConfigError, DataConfig
 from foundation.views import VIEW_BASE_ONLY, VIEW_NEWLINE, VIEW_POOL
 from inference.export import export_llava
+from lit_modules.callbacks.validation_samples import ValidationSamples
 from tests.support.quickstart import tiny_overrides
 from tests.support.tiny_models import TINY_CLIP_ENCODER
 
@@ -257,3 +258,18 @@ def test_a_time_prompt_with_other_fields_is_a_config_error(shapes_root, tmp_path
         ConfigError, match=r"'data.video_time_prompt' = .*\{fps\}.*\{duration\}, \{frames\} and \{times\}"
     ):
         load_config(None, tiny_overrides(shapes_root, str(tmp_path)) + ["data.video_time_prompt='at {fps} fps'"])
+
+
+def test_validation_samples_show_each_samples_first_image(tiny, media):
+    """A batch of a two-image sample (base views) and a tiled one: each sample's picture is the one it shows alone."""
+    module, _ = tiny
+    records = [_record("<image><image>hi", image=["wide.png", "coffee.png"]), _record("<image>hi", image="cat.png")]
+    dataset = _dataset(module, media, records)
+    pad = module.tokenizer.pad_token_id
+    batch = collate([dataset[0], dataset[1]], pad)
+    assert batch["num_images"].tolist() == [2, 1] and batch["image_sizes"].shape == (3, 3)
+    holder = type("M", (), {"model": module.model})()
+    shown = ValidationSamples._images(holder, batch)
+    for k in (0, 1):
+        assert np.array_equal(shown[k], ValidationSamples._images(holder, collate([dataset[k]], pad))[0])
+    assert shown[0].shape == shown[1].shape and not np.array_equal(shown[0], shown[1])
