@@ -26,6 +26,7 @@ from datamodules.image_tokens import header_size
 from datamodules.images import load_image
 from datamodules.json_scan import DataError
 from datamodules.llava_data import LLaVADataset, Sample, collate
+from datamodules.packing import pack
 from datamodules.templates import encode
 from experiment.assemble import build_module
 from experiment.config import load_config
@@ -273,3 +274,26 @@ def test_validation_samples_show_each_samples_first_image(tiny, media):
     for k in (0, 1):
         assert np.array_equal(shown[k], ValidationSamples._images(holder, collate([dataset[k]], pad))[0])
     assert shown[0].shape == shown[1].shape and not np.array_equal(shown[0], shown[1])
+
+
+def test_packing_keeps_image_sizes_with_their_views(tiny, media):
+    """Packed rows reorder samples (longest first): image_sizes rows and views follow the packed order, so the
+    packed batch embeds each sample's images in its own slots, as each sample alone does."""
+    module, _ = tiny
+    model = module.model
+    records = [_record("<image>hi", image="wide.png"), _record("<image><image>hi", image=["cat.png", "coffee.png"]),
+               _record("hi"), _record("<image>hi", image="cat.png")]  # fmt: skip
+    dataset = _dataset(module, media, records)
+    items = [dataset[k] for k in range(len(records))]
+    for k, item in enumerate(items):
+        item["id"] = str(k)
+    batch = pack(items, 4096, module.tokenizer.pad_token_id)
+    order = [items[int(i)] for i in batch["ids"]]
+    assert batch["image_sizes"].tolist() == [list(s) for x in order for s in x["image_sizes"]]
+    with torch.no_grad():
+        packed = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_sizes"])
+        for name, (r, start, n) in zip(batch["ids"], batch["spans"]):
+            x = items[int(name)]
+            sizes = torch.tensor(x["image_sizes"]) if x["image_sizes"] else None
+            alone = model.embed(torch.tensor([x["input_ids"]]), x["pixel_values"], sizes)[0]
+            torch.testing.assert_close(packed[r, start : start + n], alone)
