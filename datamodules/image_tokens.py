@@ -31,11 +31,19 @@ SWAPPED = (5, 6, 7, 8)  # orientations that turn the image by 90 degrees (ImageO
 
 def header_size(path: str) -> tuple[int, int]:
     """(height, width) of an image file as `load_image` will return it, from its header only. OSError when the
-    header cannot be read."""
+    header cannot be read. A PNG's eXIf chunk after its pixels is not read: such a rotated PNG is counted
+    unturned in the index (its length, for grouping and the length check), while the data expands the
+    placeholder by the decoded image, so ids and pixels still agree."""
     with Image.open(path) as img:
         w, h = img.size
         try:
-            turned = img.getexif().get(EXIF_ORIENTATION) in SWAPPED
+            if img.format == "PNG":  # Pillow's PNG getexif decodes the whole image to look for an eXIf chunk
+                exif = Image.Exif()  # after the pixels (8.9 ms for a 400 x 600 photo, 42 us for a JPEG's
+                if img.info.get("exif"):  # header): only a chunk before them (Pillow writes it there) is read
+                    exif.load(img.info["exif"])
+            else:
+                exif = img.getexif()
+            turned = exif.get(EXIF_ORIENTATION) in SWAPPED
         except (OSError, ValueError, SyntaxError):  # a damaged EXIF block: load_image ignores it too
             turned = False
     return (w, h) if turned else (h, w)

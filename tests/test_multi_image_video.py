@@ -203,12 +203,12 @@ def test_the_index_counts_each_image_from_its_header(tiny, media, tmp_path):
     views = dm.train_set[0]["pixel_values"].shape[0]
     assert views == vision.num_views((300, 451)) > 1
 
-    turned = tmp_path / "turned.jpg"  # stored 40 x 60, EXIF orientation 6: shown (and loaded) 60 x 40
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(photos.coffee()[:40, :60]).save(turned, exif=exif)
-    loaded = load_image(turned)
-    assert header_size(str(turned)) == (loaded.height, loaded.width) == (60, 40)
+    for name in ("turned.jpg", "turned.png"):  # stored 40 x 60, EXIF orientation 6: shown (and loaded) 60 x 40
+        Image.fromarray(photos.coffee()[:40, :60]).save(tmp_path / name, exif=exif)
+        loaded = load_image(tmp_path / name)
+        assert header_size(str(tmp_path / name)) == (loaded.height, loaded.width) == (60, 40)
 
 
 @pytest.mark.parametrize(
