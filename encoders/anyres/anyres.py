@@ -6,6 +6,7 @@ tower's width, D the LLM's):
 
     preprocess (tiles.py)    PIL image (h, w) -> [1 + rows*cols, 3, S, S]: base view + tiles
     batch                    every image's views concatenated: pixels [K, 3, S, S], image_sizes [M, 2] (h, w)
+                             or [M, 3] (h, w, foundation.views flags: a base view alone, pooled, a newline)
     forward                  [K, 3, S, S] -> [K, N, C]: the wrapped tower on every view, in one call
     projector (the VLM)      [K, N, C] -> [K, N, D]
     pack                     per image: base [N, D], then the tiles' map [rows*gh, cols*gw, D] unpadded to the
