@@ -102,9 +102,12 @@ class ImageTransform:
         """S, the side of the tensors it returns."""
         return self.preprocess.image_size
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, base_only: bool = False) -> torch.Tensor:
+        """[3, S, S], or a tiling's views [T, 3, S, S]; `base_only`: a tiling's base view alone [1, 3, S, S]."""
         if self.pad_fill is not None:
             img = expand_to_square(img, self.pad_fill)
+        if base_only and hasattr(self.preprocess, "base_view"):
+            return self.preprocess.base_view(img)
         return self.preprocess(img)
 
 

@@ -40,6 +40,7 @@ class Job:
     spans: Spans
     settings: object  # record_index.CheckSettings
     tokenizer: object
+    image_tokens: object = None  # image_tokens.ImageTokens, or None: settings.num_image_tokens per image
     fast: bool = True
 
 
@@ -107,7 +108,16 @@ def check_chunk(bounds: tuple[int, int]) -> dict:
             return len(enc.input_ids), any(label != IGNORE_INDEX for label in enc.labels)
 
         try:
-            length, has_image = check_record(rec, images, count, s.num_image_tokens, s.max_length, s.image_token)
+            length, num_images = check_record(
+                rec,
+                images,
+                count,
+                job.image_tokens or s.num_image_tokens,
+                s.max_length,
+                s.image_token,
+                s.video_frames,
+                s.video_time_prompt,
+            )
         except (DataError, TemplateError) as err:
             out["status"][k - lo] = 1
             entry = {"k": k, "id": rid, "message": str(err)}
@@ -116,7 +126,7 @@ def check_chunk(bounds: tuple[int, int]) -> dict:
             bad.append(entry)
             continue
         out["tokens"][k - lo] = length
-        out["images"][k - lo] = int(has_image)
+        out["images"][k - lo] = min(num_images, 255)
     return {"arrays": out, "bad": bad, "mismatch": mismatch, "fatal": fatal, "encoded": encoded}
 
 
@@ -137,10 +147,10 @@ def _init_local(job: Job) -> None:
     _JOB = job
 
 
-def build_arrays(path: str, spans: Spans, settings, tokenizer, workers: int) -> tuple[dict, dict]:
+def build_arrays(path: str, spans: Spans, settings, tokenizer, workers: int, image_tokens=None) -> tuple[dict, dict]:
     """The index arrays of `path` (ARRAYS, one value per record) and its meta: refused records, how tokens
     were counted. DataError for a file that is not UTF-8 or holds a record that is not JSON."""
-    job = Job(path, spans, settings, tokenizer)
+    job = Job(path, spans, settings, tokenizer, image_tokens)
     results = _run(job, workers)
     fatal = next((r["fatal"] for r in results if r["fatal"]), None)
     if fatal:

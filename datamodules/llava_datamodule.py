@@ -27,6 +27,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from datamodules.bad_records import BadRecordCap, with_bad
+from datamodules.image_tokens import image_tokens_of
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, collate
 from datamodules.mixture import Mixture, MixtureDataset, resolve_counts
@@ -124,6 +125,8 @@ class LLaVADataModule(L.LightningDataModule):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.transform = image.transform(data.pad_to_square)  # mean-colour pad (optional), then the encoder's own
+        # tokens per image: fixed, or by size and layout with a tiling (datamodules/image_tokens.py)
+        self.image_tokens = image_tokens_of(image, data.pad_to_square, data.multi_image, data.video_pool)
         self.stop_ids = stop_token_ids(tokenizer, self.template)
         self.skipped: Counter = Counter()  # reason -> records dropped (logged to TensorBoard)
         self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
@@ -161,10 +164,15 @@ class LLaVADataModule(L.LightningDataModule):
             max_length=d.max_length,
             image_folder=os.path.abspath(folder) if folder else None,
             images_outside_folder=d.images_outside_folder,
+            image_rule=self.image_tokens.key(),
+            video_frames=d.video_frames,
+            video_time_prompt=d.video_time_prompt,
         )
         key = (path, settings)
         if key not in self._indexes:  # prepare_data's, reused by setup in the same process
-            self._indexes[key] = open_index(path, settings, self.tokenizer, d.index_dir, d.index_workers)
+            self._indexes[key] = open_index(
+                path, settings, self.tokenizer, d.index_dir, d.index_workers, image_tokens=self.image_tokens
+            )
         return self._indexes[key]
 
     def _samples(self, index: RecordIndex, rows: np.ndarray) -> IndexedSamples:
@@ -187,7 +195,17 @@ class LLaVADataModule(L.LightningDataModule):
             else (d.image_folder, self.encode)
         )
         return LLaVADataset(
-            samples, path, folder, encode_fn, self.transform, self.image_token_id, self.image.num_tokens, d.on_error
+            samples,
+            path,
+            folder,
+            encode_fn,
+            self.transform,
+            self.image_token_id,
+            self.image_tokens,
+            d.on_error,
+            video_frames=d.video_frames,
+            video_time_prompt=d.video_time_prompt,
+            image_token=self.image_token,
         )
 
     def prepare_data(self) -> None:

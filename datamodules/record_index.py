@@ -36,7 +36,7 @@ from datamodules.index_build import ARRAYS, build_arrays
 from datamodules.json_scan import DataError, check_readable, record_spans
 from datamodules.llava_data import Sample, reason_key
 
-VERSION = 1  # bump when what the checks decide changes: older indexes are then rebuilt
+VERSION = 2  # bump when what the checks decide changes: older indexes are then rebuilt
 HEAD_TAIL = 1 << 20  # bytes of the file's start and end in its content key
 MAX_LOGGED = 20  # skipped records named one by one in the log; the rest are counted
 
@@ -53,6 +53,9 @@ class CheckSettings:
     max_length: int
     image_folder: str | None
     images_outside_folder: bool
+    image_rule: str = ""  # `ImageTokens.key()`: a tiling's counts per image size and layout (image_tokens.py)
+    video_frames: int = 32
+    video_time_prompt: str | None = None
 
 
 class RecordIndex:
@@ -212,10 +215,17 @@ def _writable(folder: str) -> bool:
 
 
 def open_index(
-    data_path: str, settings: CheckSettings, tokenizer, index_dir: str | None = None, workers: int | None = None
+    data_path: str,
+    settings: CheckSettings,
+    tokenizer,
+    index_dir: str | None = None,
+    workers: int | None = None,
+    image_tokens=None,
 ) -> RecordIndex:
     """The index of `data_path` for these checks: mapped when one with the same key exists, else built (by this
-    process, or by another one that holds the build lock, waited for)."""
+    process, or by another one that holds the build lock, waited for). `image_tokens`: the `ImageTokens` rule
+    whose `key()` is `settings.image_rule` (None: `settings.num_image_tokens` per image); a tiling's counts read
+    each image's size from its header once, here, and the index keeps the record's tokens."""
     check_readable(data_path)
     try:
         content = content_key(data_path)
@@ -250,7 +260,7 @@ def open_index(
             fcntl.flock(lock, fcntl.LOCK_EX)
         index = _load(data_path, final)  # built by the process that held the lock
         if index is None:
-            _build(data_path, final, settings, tokenizer, key_fields, workers)
+            _build(data_path, final, settings, tokenizer, key_fields, workers, image_tokens)
             index = RecordIndex(data_path, final)
     return index
 
@@ -274,7 +284,15 @@ def _load(data_path: str, root: str) -> RecordIndex | None:
     return index
 
 
-def _build(data_path: str, final: str, settings: CheckSettings, tokenizer, key_fields: dict, workers: int | None):
+def _build(
+    data_path: str,
+    final: str,
+    settings: CheckSettings,
+    tokenizer,
+    key_fields: dict,
+    workers: int | None,
+    image_tokens=None,
+):
     folder = os.path.dirname(final)
     for stale in os.listdir(folder):  # temporaries of builds that were killed (this process holds the lock)
         if stale.startswith(os.path.basename(final) + ".tmp-"):
@@ -283,7 +301,7 @@ def _build(data_path: str, final: str, settings: CheckSettings, tokenizer, key_f
     spans = record_spans(data_path)
     workers = workers or default_workers()
     print(f"indexing {data_path}: {len(spans.offsets)} records, {workers} processes", file=sys.stderr)
-    arrays, meta = build_arrays(data_path, spans, settings, tokenizer, workers)
+    arrays, meta = build_arrays(data_path, spans, settings, tokenizer, workers, image_tokens)
     seconds = time.perf_counter() - start
     meta.update(records=len(spans.offsets), kind=spans.kind, key=key_fields, seconds=round(seconds, 3))
     tmp = f"{final}.tmp-{os.getpid()}"

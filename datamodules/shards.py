@@ -98,7 +98,7 @@ class ShardDataset(Dataset):
         rows: the shard items this dataset serves, in order (a source's training or validation rows).
         name: the source's name (errors, counts).
         encode_fn: record -> `Encoded` (the source's template and system prompt).
-        image_transform: PIL image -> [3, S, S] normalised tensor.
+        image_transform: PIL image -> [3, S, S] normalised tensor ([V, 3, S, S] views with a tiling).
         image_token_id: id of the placeholder in `input_ids`.
         num_image_tokens: N, the image embeddings the model puts in place of each placeholder.
         max_length: tokens, image tokens included (`data.max_length`).
@@ -170,15 +170,17 @@ class ShardDataset(Dataset):
         _, has_image = check_record(
             rec, EmbeddedImage(data), count, e.num_image_tokens, self.max_length, self.image_token
         )
-        pixels = None
-        if has_image:
+        pixels, sizes, counts = None, [], []
+        if has_image:  # one embedded image: its views [V, 3, S, S], its image_sizes row, its tokens (as LLaVADataset)
+            flags = e.rule.image_flags(1)
             try:
-                pixels = e.image_transform(load_image(io.BytesIO(data)))  # [3, S, S]
+                pixels, size = e._pixels(load_image(io.BytesIO(data)), flags)
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 raise DataError(f"unreadable image {rec['image']}: {err}") from None
+            sizes, counts = [size], [e.rule.tokens(size[:2], flags)]
         enc = encoded[0]
-        ids, labels = e._expand(enc.input_ids, enc.labels)
-        prompt, _ = e._expand(enc.prompt_ids)
+        ids, labels = e._expand(enc.input_ids, counts, enc.labels)
+        prompt, _ = e._expand(enc.prompt_ids, counts)
         return {
             "id": str(rec.get("id", row)),
             "input_ids": ids,
@@ -187,6 +189,7 @@ class ShardDataset(Dataset):
             "answer": enc.answer,
             "question": _last_question(rec),
             "pixel_values": pixels,
+            "image_sizes": sizes,
             "skipped": False,
         }
 
@@ -200,6 +203,7 @@ class ShardDataset(Dataset):
             "answer": "",
             "question": "",
             "pixel_values": None,
+            "image_sizes": [],
             "skipped": True,
             "bad": {"source": self.name, "reason": reason, "message": message},
         }

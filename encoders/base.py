@@ -21,8 +21,10 @@ the LLM sees for one image of that size as preprocessing receives it, and `pack(
 turns the projected tokens of a batch's encoder images [K, N, D] into the LLM's image embeddings [L, D]. For a
 plain encoder one image is one encoder image: `num_tokens` each, and `pack` flattens. A tiling wrapper's
 `preprocess` returns [T, 3, S, S] per image (its views; T = `preprocess.num_tiles((h, w))`); a batch then
-concatenates every image's views and carries `image_sizes` [M, 2] (height, width), which `pack` needs. With
-`uses_image_newline` the VLM holds a learned newline embedding [D] and passes it to `pack`.
+concatenates every image's views and carries `image_sizes` [M, 2] (height, width), which `pack` needs, or [M, 3]
+with each image's layout flags (foundation/views.py: LLaVA-OneVision's base view alone for several images or
+video frames; a size argument may then be (height, width, flags)). With `uses_image_newline` the VLM holds a
+learned newline embedding [D] and passes it to `pack`.
 
 Wrappers (a token reducer, INF-LLaVA's dual-perspective module, AnyRes) subclass `encoders.wrapper.EncoderWrapper`:
 they keep the wrapped encoder as `self.inner`, satisfy the same contract themselves and name their own

@@ -46,6 +46,8 @@ def validate(cfg: DictConfig) -> None:
     for part in cfg.optim.lr_per_part:
         choice(f"optim.lr_per_part.{part}", part, PARTS)
     choice("data.on_error", cfg.data.on_error, ("raise", "skip"))
+    choice("data.multi_image", cfg.data.multi_image, ("base", "tiles"))
+    _video_time_prompt(cfg.data.video_time_prompt)
     choice("checkpoint.mode", cfg.checkpoint.mode, ("min", "max"))
     choice("optim.extend", cfg.optim.extend, EXTENSIONS)
     registered("model.projector", cfg.model.projector, PROJECTORS)
@@ -167,6 +169,7 @@ RANGES = (
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.val_batch_size", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.max_length", lambda v: v >= 1, ">= 1"),
+    ("data.video_frames", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.index_workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("optim.lr", lambda v: v >= 0, ">= 0"),
@@ -256,3 +259,16 @@ def _validate_from_hf(model: DictConfig) -> None:
                 f"'model.{key}' = {OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r} is "
                 f"set, but 'model.from_hf' = {model.from_hf!r} gives every weight of the model; set it to null"
             )
+
+
+def _video_time_prompt(text: str | None) -> None:
+    """`data.video_time_prompt` fills {duration}, {frames} and {times} only (datamodules/video.py)."""
+    if text is None:
+        return
+    try:
+        text.format(duration=0.0, frames=1, times="0.00s")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"'data.video_time_prompt' = {text!r} does not format ({type(err).__name__}: {err}); it may use "
+            "{duration}, {frames} and {times}"
+        ) from None

@@ -111,6 +111,13 @@ class DataConfig:
     image_first: bool = True
     max_length: int = 2048  # tokens, image tokens included; longer records are errors (or skipped)
     pad_to_square: bool = False  # pad with the mean colour before resizing (LLaVA-1.5 SFT)
+    # a record with several images (`image: [paths]`), with a tiling (AnyRes): "base" takes each at its base view
+    # and one newline (LLaVA-OneVision's rule), "tiles" tiles each as a single image (datamodules/image_tokens.py)
+    multi_image: str = "base"
+    video_frames: int = 32  # `video: path` records: at most this many frames, sampled uniformly (datamodules/video.py)
+    video_pool: bool = True  # with a tiling: each frame's map pooled 2x2 (LLaVA-OneVision: 196 tokens at 384 px)
+    # text after a video's placeholder with {duration}, {frames}, {times} (the sampled frames' times) filled in
+    video_time_prompt: Optional[str] = None
     batch_size: int = 16  # per device, in samples
     val_batch_size: Optional[int] = None  # None: batch_size
     num_workers: int = 0

@@ -78,9 +78,10 @@ class Predictor(Asking):
             if turns and turns[-1].get("from") == "gpt":
                 turns = turns[:-1]
             turns.append({"from": "gpt", "value": PLACEHOLDER_ANSWER})
-            samples.append(Sample(dict(record, conversations=turns), index, 0, record.get("image") is not None))
+            media = record.get("image") is not None or record.get("video") is not None
+            samples.append(Sample(dict(record, conversations=turns), index, 0, media))
         dataset = LLaVADataset(
-            samples, "(predict)", image_folder, dm.encode, dm.transform, dm.image_token_id, dm.image.num_tokens
+            samples, "(predict)", image_folder, dm.encode, dm.transform, dm.image_token_id, dm.image_tokens
         )
         module = self.module
         answers, training = [], module.training

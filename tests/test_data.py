@@ -159,7 +159,13 @@ BAD_RECORDS = {
         ),
         "too long: .* > max_length 64",
     ),
-    "multi-image form": (bad(image=["images/000000.png", "images/000001.png"]), "'image' is a list of 2 paths"),
+    "two images, one placeholder": (
+        bad(image=["images/000000.png", "images/000001.png"]),
+        "placeholder count mismatch: 1 <image> in the text, 2 image",
+    ),
+    "a list item that is not a path": (bad(image=["images/000000.png", 3]), r"'image'\[1\] is int 3, not a path"),
+    "an empty image list": (bad(image=[]), "'image' is an empty list"),
+    "image and video": (bad(video="clip.mp4"), "both 'image' and 'video'"),
     "image is a number": (bad(image=5), "'image' is int 5, not a path"),
     "image is empty": (bad(image=" "), "'image' is str ' ', not a path"),
     "null answer": (
@@ -234,7 +240,7 @@ def test_symlink_out_of_the_folder_is_refused_unless_allowed(tokenizer, shapes_r
         make_dm(tokenizer, path, str(folder)).setup()
     dm = make_dm(tokenizer, path, str(folder), images_outside_folder=True)  # the YAML opts out
     dm.setup()
-    assert dm.train_set[0]["pixel_values"].shape == (3, 32, 32)
+    assert dm.train_set[0]["pixel_values"].shape == (1, 3, 32, 32)  # [views, 3, S, S]
 
 
 def test_latin1_json_names_the_file(tokenizer, shapes_root, tmp_path):

@@ -13,7 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from encoders import build_encoder
 from experiment.assemble import build_module
 from experiment.config import EXPERIMENTS_DIR, load_config
-from experiment.describe import build_on_meta, describe
+from experiment.describe import EXAMPLE_SIZES, build_on_meta, describe
 from tests.support.experiments import experiment_files
 from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA_YAML, llama_yaml
 
@@ -204,8 +204,10 @@ def test_every_experiment_describes(path):
     local = cfg.model.llm.config is not None or os.path.exists(os.path.join(str(cfg.model.llm.path), "config.json"))
     model, _ = build_on_meta(cfg, None if local else LLAMA_7B)
     text = describe(cfg, None if local else LLAMA_7B)
-    tokens = model.vision.num_tokens
+    # a tiling's count depends on the size: the budget is the largest of the example sizes it lists
+    tokens = max(model.vision.num_image_tokens(size) for size in EXAMPLE_SIZES)
     assert text.startswith(f"{cfg.name}: built on the meta device")
     assert f"stage {cfg.stage!r}: training" in text
     assert f"data.max_length {cfg.data.max_length} = {tokens} image tokens + {cfg.data.max_length - tokens}" in text
-    assert f"{model.vision.image_size} x {model.vision.image_size} px images" in text
+    side = model.vision.image_size
+    assert f"{side} x {side} px images" in text or f"images of any size as {side} x {side} px views" in text

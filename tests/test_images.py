@@ -152,5 +152,5 @@ def test_dataset_opens_images_with_load_image(tmp_path):
         return Encoded(input_ids=[7, 1], labels=[-100, 1], prompt_ids=[7], answer="")
 
     dataset = LLaVADataset([Sample(record, 0, 2, True)], "x.json", str(tmp_path), encode, transform, 7, 1)
-    assert dataset[0]["pixel_values"].shape == (3, 4, 4)
+    assert dataset[0]["pixel_values"].shape == (1, 3, 4, 4)  # [views, 3, S, S]
     assert seen[0].mode == "RGB" and seen[0].size == upright.size and mean_abs(seen[0], upright) < 3

@@ -74,7 +74,7 @@ def answer_nll(predictor: Predictor, rec: dict, image_folder: str) -> tuple[floa
     item = dataset[0]
     labels = torch.tensor(item["labels"])
     labels[labels.ne(-100).nonzero().max()] = -100  # the template's end-of-turn token (<|im_end|>)
-    pixels = None if item["pixel_values"] is None else item["pixel_values"][None]
+    pixels = item["pixel_values"]  # [views, 3, S, S] or None
     loss = module.model(torch.tensor([item["input_ids"]]), None, pixels, labels[None]).loss
     count = int(labels.ne(-100).sum())
     return loss.item() * count, count

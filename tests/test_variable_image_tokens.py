@@ -37,11 +37,6 @@ def _photo(tmp_path, name: str) -> str:
     return str(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the data layer (datamodules/llava_data.py) still expands every placeholder to one fixed count and "
-    "stacks pixels; issue 18 part 3 gives it per-image counts, concatenated views and image_sizes",
-)
 def test_an_anyres_predictor_answers_as_the_model_generates(anyres, tmp_path):
     """Two photos of other sizes (so other token counts) answered in one left-padded batch give the model's own
     greedy generation of each prompt alone (ids expanded to that image's count, its views, its size)."""

@@ -219,7 +219,7 @@ class VLMLightning(lmms):
         # The dataset `Predictor.answer_records` builds, with the continuation as the answer turn.
         samples = [Sample(r, k, 0, "image" in r) for k, r in enumerate(records)]
         dataset = LLaVADataset(
-            samples, "(lmms-eval)", folder, dm.encode, dm.transform, dm.image_token_id, dm.image.num_tokens
+            samples, "(lmms-eval)", folder, dm.encode, dm.transform, dm.image_token_id, dm.image_tokens
         )
         batch = collate([dataset[k] for k in range(len(dataset))], dm.tokenizer.pad_token_id)
         pixels = batch["pixel_values"]

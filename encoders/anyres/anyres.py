@@ -6,6 +6,7 @@ tower's width, D the LLM's):
 
     preprocess (tiles.py)    PIL image (h, w) -> [1 + rows*cols, 3, S, S]: base view + tiles
     batch                    every image's views concatenated: pixels [K, 3, S, S], image_sizes [M, 2] (h, w)
+                             or [M, 3] (h, w, foundation.views flags: a base view alone, pooled, a newline)
     forward                  [K, 3, S, S] -> [K, N, C]: the wrapped tower on every view, in one call
     projector (the VLM)      [K, N, C] -> [K, N, D]
     pack                     per image: base [N, D], then the tiles' map [rows*gh, cols*gw, D] unpadded to the
@@ -28,11 +29,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from encoders.anyres.layout import TileLayout, parse_grid_pinpoints
+from encoders.anyres.layout import TileLayout, parse_grid_pinpoints, pooled_grid, size_and_flags
 from encoders.anyres.tiles import AnyResPreprocess
 from encoders.base import VisionEncoder
 from encoders.wrapper import EncoderWrapper
 from foundation.schema import ConfigError
+from foundation.views import VIEW_BASE_ONLY, VIEW_NEWLINE, VIEW_POOL
 
 
 class AnyRes(EncoderWrapper):
@@ -74,10 +76,10 @@ class AnyRes(EncoderWrapper):
         self.check_input(pixels)
         return self.inner(pixels)  # [K, N, C], every view of every image in one call
 
-    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
-        return self.layout.num_image_tokens(tuple(image_size))
+    def num_image_tokens(self, image_size) -> int:
+        return self.layout.num_image_tokens(tuple(image_size))  # (h, w) or (h, w, VIEW_* flags)
 
-    def num_views(self, image_size: tuple[int, int]) -> int:
+    def num_views(self, image_size) -> int:
         return self.layout.num_tiles(tuple(image_size))
 
     def pack(
@@ -87,19 +89,34 @@ class AnyRes(EncoderWrapper):
 
         Args:
             tokens: every image's views (base first, then its tiles row-major), images in batch order.
-            image_sizes: [M, 2] (height, width) of each image as preprocessing received it.
+            image_sizes: [M, 2] (height, width) of each image as preprocessing received it, or [M, 3] with the
+                images' VIEW_* flags (encoders/anyres/layout.py: base view only, pooled, a newline after).
             newline: the learned row end [D] (the VLM's `image_newline`); None leaves rows unmarked.
         """
         if image_sizes is None:
             raise ValueError("AnyRes needs image_sizes [M, 2] (height, width per image) to pack its tiles")
-        sizes = [tuple(s) for s in image_sizes.tolist()]
-        counts = [self.layout.num_tiles(s) for s in sizes]
+        sizes = [size_and_flags(s) for s in image_sizes.tolist()]
+        counts = [self.layout.num_tiles((*s, f)) for s, f in sizes]
         if sum(counts) != tokens.shape[0]:
             raise ValueError(
-                f"{len(sizes)} image(s) of sizes {sizes} take {sum(counts)} views ({counts}), "
+                f"{len(sizes)} image(s) of sizes {[s for s, _ in sizes]} take {sum(counts)} views ({counts}), "
                 f"but {tokens.shape[0]} were encoded"
             )
-        return torch.cat([self._pack_one(views, size, newline) for views, size in zip(tokens.split(counts), sizes)])
+        packed = []
+        for views, (size, flags) in zip(tokens.split(counts), sizes):
+            one = self._pack_base(views[0], flags, newline) if flags & VIEW_BASE_ONLY else None
+            packed.append(one if one is not None else self._pack_one(views, size, newline))
+        return torch.cat(packed)
+
+    def _pack_base(self, base: torch.Tensor, flags: int, newline: torch.Tensor | None) -> torch.Tensor:
+        """A base view alone [N, D] -> [N', D] (+ a newline): OneVision's several-image and video-frame layouts."""
+        if flags & VIEW_POOL:  # OneVision's apply_pooling: bilinear to [ceil(gh/2), ceil(gw/2)]
+            (gh, gw), D = self.layout.grid, base.shape[-1]
+            fmap = base.reshape(gh, gw, D).permute(2, 0, 1)[None]  # [1, D, gh, gw]
+            base = F.interpolate(fmap, size=pooled_grid((gh, gw)), mode="bilinear")[0].flatten(1).transpose(0, 1)
+        if flags & VIEW_NEWLINE and newline is not None:
+            base = torch.cat([base, newline.to(base.dtype)[None]])
+        return base
 
     def _pack_one(self, views: torch.Tensor, size: tuple[int, int], newline: torch.Tensor | None) -> torch.Tensor:
         """One image's views [1 + rows*cols, N, D] -> [gh*gw + h'*(w'+1), D]."""

@@ -19,6 +19,14 @@ and checked against transformers' `LlavaNextImageProcessor` / `LlavaNextForCondi
   r = sqrt(h * w / (N * gh * gw));
 - tokens per image: the base view's gh*gw, then the (unpadded, resized) map row by row with one learned
   newline after each row.
+
+Views per image (`foundation.views` VIEW_* flags, the third column of a batch's `image_sizes` [M, 3]; 0 or
+no column: tiled).
+LLaVA-OneVision (transformers' `LlavaOnevisionModel.get_image_features` with `batch_num_images`, and its
+processor) takes an image of a sample with several images at its base view only, followed by one newline:
+gh*gw + 1 tokens. A video frame is a base view too; OneVision's `apply_pooling` resizes its [gh, gw] map
+bilinearly to [ceil(gh / 2), ceil(gw / 2)] (27 x 27 -> 14 x 14 = 196 at 384 px) and puts one newline after the
+whole video, i.e. after its last frame.
 """
 
 from __future__ import annotations
@@ -28,12 +36,24 @@ import re
 from dataclasses import dataclass
 
 from foundation.schema import ConfigError
+from foundation.views import VIEW_BASE_ONLY, VIEW_NEWLINE, VIEW_POOL
 
 FITS = ("pad", "resize")
 # LLaVA-1.6's canvases in tiles as (rows, cols): transformers' default image_grid_pinpoints
 # [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] for 336 px tiles.
 LLAVA_1_6 = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 KEY = "model.tiling.grid_pinpoints"
+
+
+def size_and_flags(size) -> tuple[tuple[int, int], int]:
+    """A row of `image_sizes`: (height, width) or (height, width, VIEW_* flags) -> ((height, width), flags)."""
+    size = tuple(int(v) for v in size)
+    return size[:2], (size[2] if len(size) > 2 else 0)
+
+
+def pooled_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """OneVision's 2x2 pooling of a [gh, gw] map: [ceil(gh / 2), ceil(gw / 2)]."""
+    return math.ceil(grid[0] / 2), math.ceil(grid[1] / 2)
 
 
 def parse_grid_pinpoints(spec: str | list | tuple | None, tile: int) -> tuple[tuple[int, int], ...]:
@@ -141,8 +161,12 @@ class TileLayout:
         ch, cw = self.canvas(size)
         return ch // self.tile, cw // self.tile
 
-    def num_tiles(self, size: tuple[int, int]) -> int:
-        """Encoder images per input image: the base view and rows * cols tiles."""
+    def num_tiles(self, size) -> int:
+        """Encoder images per input image: the base view and rows * cols tiles, or 1 (`VIEW_BASE_ONLY`).
+        `size`: (height, width), or (height, width, VIEW_* flags) as a row of `image_sizes`."""
+        size, flags = size_and_flags(size)
+        if flags & VIEW_BASE_ONLY:
+            return 1
         rows, cols = self.tile_grid(size)
         return 1 + rows * cols
 
@@ -167,7 +191,13 @@ class TileLayout:
         h, w = bottom - top, right - left
         return self.pooled_size(h, w) or (h, w)
 
-    def num_image_tokens(self, size: tuple[int, int]) -> int:
-        """Tokens the LLM sees for an image of `size` (height, width): base view, map rows, a newline per row."""
+    def num_image_tokens(self, size) -> int:
+        """Tokens the LLM sees for an image of `size` (height, width): base view, map rows, a newline per row;
+        with (height, width, flags) and `VIEW_BASE_ONLY`: the base view (pooled with `VIEW_POOL`) and a newline
+        with `VIEW_NEWLINE`."""
+        size, flags = size_and_flags(size)
+        if flags & VIEW_BASE_ONLY:
+            gh, gw = pooled_grid(self.grid) if flags & VIEW_POOL else self.grid
+            return gh * gw + int(bool(flags & VIEW_NEWLINE))
         h, w = self.map_size(size)
         return self.grid[0] * self.grid[1] + h * (w + 1)

@@ -54,12 +54,13 @@ class AnyResPreprocess:
     def pixel_std(self) -> Any:
         return self.tile_preprocess.pixel_std
 
-    def num_tiles(self, size: tuple[int, int]) -> int:
-        """Views for an image of `size` (height, width): what `__call__` returns along dim 0."""
+    def num_tiles(self, size) -> int:
+        """Views for an image of `size` (height, width): what `__call__` returns along dim 0 (with VIEW_* flags
+        as a third element: 1 for a base view alone, what `base_view` returns)."""
         return self.layout.num_tiles(size)
 
-    def num_image_tokens(self, size: tuple[int, int]) -> int:
-        """Tokens the LLM sees for an image of `size` (height, width); see `TileLayout.num_image_tokens`."""
+    def num_image_tokens(self, size) -> int:
+        """Tokens the LLM sees for an image of `size` (height, width[, flags]); see `TileLayout.num_image_tokens`."""
         return self.layout.num_image_tokens(size)
 
     def canvas_image(self, img: Image.Image) -> Image.Image:
@@ -82,6 +83,11 @@ class AnyResPreprocess:
             canvas.crop((x, y, x + S, y + S)) for y in range(0, canvas.height, S) for x in range(0, canvas.width, S)
         ]
         return [img.resize((S, S), resample=RESAMPLE, reducing_gap=None), *tiles]
+
+    def base_view(self, img: Image.Image) -> torch.Tensor:
+        """The base view alone, [1, 3, S, S]: an image of several in a sample, or a video frame (OneVision)."""
+        S = self.layout.tile
+        return self.tile_preprocess(img.convert("RGB").resize((S, S), resample=RESAMPLE, reducing_gap=None))[None]
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return torch.stack([self.tile_preprocess(view) for view in self.views(img)])  # [1 + rows*cols, 3, S, S]

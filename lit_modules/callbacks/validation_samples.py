@@ -76,13 +76,16 @@ class ValidationSamples(L.Callback):
     def _images(pl_module, batch: dict) -> list[np.ndarray | None]:
         """Per sample, its image as [H, W, 3] uint8 (None for text-only samples). With a tiling (AnyRes) the
         pixels are every image's views [K, 3, S, S], the base view (the whole image at S x S) first; the
-        image's size ([M, 2] `image_sizes`) says how many views it took."""
+        image's size (`image_sizes` rows) says how many views it took; a sample of several images (`num_images`)
+        shows its first."""
         pixels, has_image = batch.get("pixel_values"), batch["has_image"].tolist()
         vision = pl_module.model.vision
         sizes = batch.get("image_sizes")
-        views = [1] * len(has_image) if sizes is None else [vision.num_views(tuple(s)) for s in sizes.tolist()]
+        per_sample = batch.get("num_images")  # several images (or a video's frames) in a sample: its first is shown
+        per_sample = per_sample.tolist() if per_sample is not None else [int(p) for p in has_image]
+        views = [1] * sum(per_sample) if sizes is None else [vision.num_views(tuple(s)) for s in sizes.tolist()]
         out, m, k = [], 0, 0  # k: the next image's first view
-        for present in has_image:
+        for present, n in zip(has_image, per_sample):
             if not present:
                 out.append(None)
                 continue
@@ -90,6 +93,6 @@ class ValidationSamples(L.Callback):
             std = torch.tensor(vision.pixel_std, device=pixels.device).view(3, 1, 1)
             image = (pixels[k].float() * std + mean).clamp(0, 1)  # [3, S, S] back to 0-1
             out.append((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-            k += views[m]
-            m += 1
+            k += sum(views[m : m + n])
+            m += n
         return out
