@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 # Transparent pixels are shown on white: transparent PNGs / GIFs (logos, icons, diagrams, screenshots,
 # scanned pages with a removed background) are drawn to be seen on a light page, the way browsers and
@@ -64,11 +64,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     - animated images (GIF, APNG, WebP): the first frame.
 
     Raises:
-        OSError: the file is missing or not a readable image (PIL's `UnidentifiedImageError` is one).
+        OSError: the file is missing, truncated or not a readable image (PIL's `UnidentifiedImageError` is one).
     """
     with Image.open(path) as img:
         img.seek(0)  # animations: the first frame
-        img.load()
+        # A truncated file is an error here (then failed or skipped and counted), whatever PIL's global says:
+        # lmms-eval sets ImageFile.LOAD_TRUNCATED_IMAGES = True when it is imported (lmms_eval/api/task.py),
+        # which would load the missing part of a cut file as grey and train on it silently.
+        lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
         upright = ImageOps.exif_transpose(img)  # a new image, EXIF orientation applied (a copy if none)
         return to_rgb(upright)
 

@@ -135,6 +135,20 @@ def test_unreadable_file_raises_oserror(tmp_path):
         load_image(path)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_truncated_file_raises_even_where_pil_is_told_to_load_truncated_images(tmp_path, monkeypatch, fmt):
+    """lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES when imported; a cut file must still fail, not load half grey."""
+    from PIL import ImageFile
+
+    path = tmp_path / f"cut.{fmt.lower()}"
+    Image.fromarray(photos.astronaut()).save(path, format=fmt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(OSError):
+        load_image(str(path))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES  # the caller's setting is left as it was
+
+
 def test_dataset_opens_images_with_load_image(tmp_path):
     # a sideways-stored phone photo reaches the transform upright
     upright = Image.fromarray(rgb("chelsea"))
