@@ -64,7 +64,10 @@ def _merge(cfg: DictConfig, source: DictConfig, where: str) -> DictConfig:
         if isinstance(new, DictConfig) and key in new:
             OmegaConf.update(cfg, block, OmegaConf.to_container(new), merge=False)
     try:
-        return OmegaConf.merge(cfg, source)
+        # In place: OmegaConf.merge would deep-copy the whole structured config once per source and per override.
+        # The source's nodes are copied as they merge, so a source can be merged again (model.from_hf).
+        cfg.merge_with(source)
+        return cfg
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, where, cfg)) from None
 
