@@ -32,7 +32,7 @@ REGISTERED = ENCODERS.names()
 # a second. The CLIP-L variants keep their real embeddings and width but only the first of their 24 layers
 # (select_layer=1); see `_build_once` for how they skip initialising the other 23. SAM ViT-B has no size
 # option but the image size: at 64 px (4x4 grid) each windowed block still attends over one zero-padded
-# 14x14 window, so its forward is the slowest here (~1 s per image on 2 cores).
+# 14x14 window, so `_build_once` keeps only its first SAM_BLOCKS blocks, as CLIP-L keeps its first layer.
 TINY = {
     "clip": ("clip", {"config": TINY_CLIP}),
     "clip_vit_l_224": ("clip_vit_l_224", {"select_layer": 1}),
@@ -42,6 +42,9 @@ TINY = {
 }
 # built on the meta device, then materialised: a random 300M-parameter init takes ~5 s, the pruned tower 0.2 s
 FROM_META = {"clip_vit_l_224", "clip_vit_l_336"}
+# SAM ViT-B's blocks 0-2: two windowed, then the first global one (global_attn_indexes 2, 5, 8, 11), so every
+# kind of block and the neck still run; the 12 blocks took ~3 s of a forward + backward test's CPU time.
+SAM_BLOCKS = 3
 
 
 def test_every_registered_encoder_has_test_settings():
@@ -54,6 +57,11 @@ def test_every_registered_encoder_has_test_settings():
 def _build_once(name: str) -> VisionEncoder:
     torch.manual_seed(0)
     build_name, kwargs = TINY[name]
+    if name == "sam_vit_b":
+        encoder = build_encoder(build_name, **kwargs)
+        assert [b.window_size for b in encoder.blocks[:SAM_BLOCKS]] == [14, 14, 0]  # 0: global attention
+        encoder.blocks = encoder.blocks[:SAM_BLOCKS]
+        return encoder
     if name not in FROM_META:
         return build_encoder(build_name, **kwargs)
     with torch.device("meta"):

@@ -212,9 +212,9 @@ def test_sam_unknown_resize_is_an_error():
 )
 @pytest.mark.parametrize("name", ["coffee", "rocket", "page"])
 def test_timm_matches_its_eval_transform(model_name, options, name):
-    with torch.device("meta"):
+    with torch.device("meta"):  # the reference reads only the model's pretrained_cfg: no weights needed
         encoder = build_encoder("timm:" + model_name, **options)
-    model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=encoder.image_size)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=encoder.image_size)
     config = resolve_data_config({}, model=model)
     config["input_size"] = (3, encoder.image_size, encoder.image_size)
     reference = create_transform(**config, is_training=False)
