@@ -19,14 +19,9 @@ SAM_VIT_B_PARAMS = 89_670_912  # official ImageEncoderViT, ViT-B settings, 1024 
 GLOBAL_BLOCKS = (2, 5, 8, 11)
 
 
-def official_vit_b(img_size: int, seed: int = 0) -> ImageEncoderViT:
-    """The official encoder with segment_anything/build_sam.py's ViT-B arguments, random weights.
-
-    SAM zero-initialises pos_embed, the rel-pos tables and the LayerNorm biases; those are filled with
-    noise so that parity also covers them.
-    """
-    torch.manual_seed(seed)
-    model = ImageEncoderViT(
+def official_vit_b_architecture(img_size: int) -> ImageEncoderViT:
+    """The official encoder with segment_anything/build_sam.py's ViT-B arguments (PyTorch's default init)."""
+    return ImageEncoderViT(
         depth=12,
         embed_dim=768,
         img_size=img_size,
@@ -40,6 +35,16 @@ def official_vit_b(img_size: int, seed: int = 0) -> ImageEncoderViT:
         window_size=14,
         out_chans=256,
     )
+
+
+def official_vit_b(img_size: int, seed: int = 0) -> ImageEncoderViT:
+    """The official ViT-B encoder with random weights.
+
+    SAM zero-initialises pos_embed, the rel-pos tables and the LayerNorm biases; those are filled with
+    noise so that parity also covers them.
+    """
+    torch.manual_seed(seed)
+    model = official_vit_b_architecture(img_size)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
@@ -136,7 +141,8 @@ def official_resized_reference(state: dict[str, torch.Tensor], img_size: int) ->
     linearly on the fly. Windowed blocks' tables fit as they are (the window stays 14x14).
     pos_embed is resampled bicubically with antialiasing, as timm's resample_abs_pos_embed_nhwc does.
     """
-    reference = official_vit_b(img_size=img_size)
+    with torch.device("meta"):  # every weight comes from `state`: no random init to throw away
+        reference = official_vit_b_architecture(img_size)
     grid = img_size // 16
     state = dict(state)
     pos = state["pos_embed"].permute(0, 3, 1, 2)  # [1, C, H, W]
@@ -146,7 +152,7 @@ def official_resized_reference(state: dict[str, torch.Tensor], img_size: int) ->
         attn = reference.blocks[i].attn
         attn.rel_pos_h = nn.Parameter(torch.empty_like(state[f"blocks.{i}.attn.rel_pos_h"]))
         attn.rel_pos_w = nn.Parameter(torch.empty_like(state[f"blocks.{i}.attn.rel_pos_w"]))
-    reference.load_state_dict(state)
+    reference.load_state_dict(state, assign=True)
     return reference.eval()
 
 
@@ -190,17 +196,29 @@ def test_512_from_1024_checkpoint_matches_official_interpolation(tmp_path, all_t
     assert max_diff(got, expected) <= 1e-4
 
 
-def test_accepts_stripped_and_timm_layouts(official_256, tmp_path):
-    official, _ = official_256
+def one_value_per_tensor(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`'s keys and shapes, each tensor holding one value of its own (its first), stored once as a
+    stride-0 view: a few bytes on disk instead of 350 MB, and a key loaded into the wrong parameter still
+    shows as a wrong value."""
+    return {k: v.flatten()[0].clone().expand(v.shape) for k, v in state.items()}
+
+
+def test_accepts_stripped_and_timm_layouts(tmp_path):
+    with torch.device("meta"):
+        shapes = official_vit_b_architecture(256).state_dict()
+    # official keys without `image_encoder.` (mlp.lin1 ...), value i in the i-th tensor
+    official = {k: torch.tensor(float(i)).expand(v.shape) for i, (k, v) in enumerate(shapes.items())}
     stripped = tmp_path / "stripped.pth"
-    torch.save(official.state_dict(), stripped)  # official keys without `image_encoder.` (mlp.lin1 ...)
+    torch.save(official, stripped)
     from_stripped = sam_vit_b(checkpoint=str(stripped), image_size=256)
     timm_layout = tmp_path / "timm.pth"
-    torch.save(from_stripped.state_dict(), timm_layout)  # timm samvit keys (mlp.fc1 ...)
+    torch.save(one_value_per_tensor(from_stripped.state_dict()), timm_layout)  # timm samvit keys (mlp.fc1 ...)
     from_timm = sam_vit_b(checkpoint=str(timm_layout), image_size=256)
 
-    assert torch.equal(from_stripped.blocks[3].mlp.fc1.weight, official.blocks[3].mlp.lin1.weight)
-    assert torch.equal(from_stripped.neck[3].weight, official.neck[3].weight)
+    assert torch.equal(from_stripped.blocks[3].mlp.fc1.weight, official["blocks.3.mlp.lin1.weight"])
+    assert torch.equal(from_stripped.neck[3].weight, official["neck.3.weight"])
+    values = {v.flatten()[0].item() for v in from_stripped.state_dict().values()}
+    assert values == set(map(float, range(len(official))))  # every tensor of the file, each in one parameter
     for key, value in from_stripped.state_dict().items():
         assert torch.equal(from_timm.state_dict()[key], value), key
 
