@@ -5,6 +5,7 @@ beside the suite. What tests share that is not a fixture lives in tests/support/
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -99,3 +100,12 @@ def tokenizer_dir() -> str:
     if run.returncode != 0:
         pytest.fail(f"building the tokenizer fixtures failed:\n{run.stderr[-3000:]}", pytrace=False)
     return TOKENIZERS
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(tokenizer_dir):
+    """name ("vicuna", "llama3", "qwen2", "spm-only") -> that real tokenizer as `load_tokenizer` gives it, loaded
+    once per session (Qwen2's takes about 1 s) and shared by the tests: one that changes it uses monkeypatch."""
+    from datamodules import load_tokenizer
+
+    return functools.cache(lambda name: load_tokenizer(os.path.join(tokenizer_dir, name)))

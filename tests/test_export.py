@@ -14,7 +14,6 @@ from PIL import Image
 from skimage import data as photos
 from transformers import AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from datamodules import load_tokenizer
 from datamodules.llava_data import LLaVADataset, Sample, collate
 from datamodules.templates import TEMPLATES, VICUNA_SYSTEM, Template, encode
 from experiment.assemble import build_module
@@ -123,15 +122,9 @@ def test_a_template_without_a_jinja_form_is_refused(tiny_cfg, tmp_path):
 
 
 @functools.cache
-def real_tokenizer(path: str):
-    return load_tokenizer(path)
-
-
-@functools.cache
-def real_processor(path: str, template: str, system: str | None, image_first: bool = True) -> LlavaProcessor:
+def real_processor(tokenizer, template: str, system: str | None, image_first: bool = True) -> LlavaProcessor:
     """The processor an export writes (`export_llava` builds it so) for a run with this tokenizer, template,
     `data.system_prompt` and `data.image_first`: 32 px images, 4 x 4 patches."""
-    tokenizer = real_tokenizer(path)
     return LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
@@ -170,16 +163,15 @@ PROMPTS = [
         if template != "plain" or len(turns) == 1  # plain trains on one human / gpt pair
     ],
 )
-def test_exported_chat_template_gives_the_training_ids(tokenizer_dir, template, name, turns):
+def test_exported_chat_template_gives_the_training_ids(real_tokenizer, template, name, turns):
     """The processor an export writes (its chat template + the tokenizer on the whole string, special tokens
     added as `processor(text=...)` does) tokenises a prompt on a real tokenizer into the ids training used
     (`encode`: segment by segment, the text after the image on its own, LLaVA's image placement), for images
     as message parts and as `<image>` in the text, with each kind of system text."""
-    path = os.path.join(tokenizer_dir, name)
-    tokenizer = real_tokenizer(path)
+    tokenizer = real_tokenizer(name)
     image = Image.fromarray(photos.astronaut()).resize((32, 32))
     for run_system, message_system in SYSTEMS:
-        processor = real_processor(path, template, run_system)
+        processor = real_processor(tokenizer, template, run_system)
         for parts in (True, False):
             messages = [] if message_system is None else [{"role": "system", "content": message_system}]
             conversations = []
@@ -205,9 +197,9 @@ def test_exported_chat_template_gives_the_training_ids(tokenizer_dir, template, 
 
 
 @pytest.mark.parametrize("template, name", [("chatml", "qwen2"), ("vicuna_v1", "vicuna"), ("llama3", "llama3")])
-def test_a_run_without_image_first_keeps_the_image_where_the_parts_put_it(tokenizer_dir, template, name):
-    path = os.path.join(tokenizer_dir, name)
-    tokenizer, processor = real_tokenizer(path), real_processor(path, template, None, image_first=False)
+def test_a_run_without_image_first_keeps_the_image_where_the_parts_put_it(real_tokenizer, template, name):
+    tokenizer = real_tokenizer(name)
+    processor = real_processor(tokenizer, template, None, image_first=False)
     parts = [{"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " what is it?\n"}]
     prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
     image = Image.fromarray(photos.astronaut()).resize((32, 32))
@@ -218,11 +210,11 @@ def test_a_run_without_image_first_keeps_the_image_where_the_parts_put_it(tokeni
 
 
 @pytest.mark.parametrize("template, name", [("chatml", "qwen2"), ("vicuna_v1", "vicuna"), ("llama3", "llama3")])
-def test_the_exported_template_places_the_image_by_the_templates_rule(tokenizer_dir, template, name):
+def test_the_exported_template_places_the_image_by_the_templates_rule(real_tokenizer, template, name):
     """String content placed as training places it (`Template.placement`): chatml keeps a turn that starts with
     the image as written (LLaVA-NeXT), the others move and strip it (LLaVA); several images stay as written."""
-    path = os.path.join(tokenizer_dir, name)
-    tokenizer, processor = real_tokenizer(path), real_processor(path, template, None)
+    tokenizer = real_tokenizer(name)
+    processor = real_processor(tokenizer, template, None)
     image = Image.fromarray(photos.astronaut()).resize((32, 32))
     for value in ["<image>What is it?", "<image>\n  Spaced. ", " What?\n<image> ", "<image>\n<image>\nCompare."]:
         prompt = processor.apply_chat_template([{"role": "user", "content": value}], add_generation_prompt=True)
@@ -232,11 +224,11 @@ def test_the_exported_template_places_the_image_by_the_templates_rule(tokenizer_
         assert theirs == expand(ours.prompt_ids, tokenizer), (value, prompt)
 
 
-def test_sentencepiece_needs_a_space_after_the_image(tokenizer_dir):
+def test_sentencepiece_needs_a_space_after_the_image(real_tokenizer):
     """Measured on Vicuna's tokenizer: LLaMA's SentencePiece puts "▁" in front of a string but not after a
     special token, so the text after <image>, tokenised on its own in training, starts with "▁" that the
     whole prompt lacks; the exported template writes "<image> \n" to get it back."""
-    tokenizer = real_tokenizer(os.path.join(tokenizer_dir, "vicuna"))
+    tokenizer = real_tokenizer("vicuna")
 
     def tokens(text):
         return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -244,7 +236,7 @@ def test_sentencepiece_needs_a_space_after_the_image(tokenizer_dir):
     assert tokens("\nWhat") == ["▁", "<0x0A>", "What"]  # training's chunk after the image
     assert tokens("<image>\nWhat") == ["<image>", "<0x0A>", "What"]
     assert tokens("<image> \nWhat") == ["<image>", "▁", "<0x0A>", "What"]
-    processor = real_processor(os.path.join(tokenizer_dir, "vicuna"), "vicuna_v1", None)
+    processor = real_processor(tokenizer, "vicuna_v1", None)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == VICUNA_SYSTEM + " USER: <image> \nWhat? ASSISTANT:"  # and no "<s>": the tokenizer adds it
@@ -261,6 +253,6 @@ def test_sentencepiece_needs_a_space_after_the_image(tokenizer_dir):
         ("chat_template", "vicuna", "this tokenizer has none"),
     ],
 )
-def test_what_cannot_give_the_training_ids_is_refused(tokenizer_dir, template, name, needle):
+def test_what_cannot_give_the_training_ids_is_refused(real_tokenizer, template, name, needle):
     with pytest.raises(ExportError, match=needle):
-        chat_template(real_tokenizer(os.path.join(tokenizer_dir, name)), template)
+        chat_template(real_tokenizer(name), template)

@@ -56,8 +56,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def toks(tokenizer_dir):
-    return {name: load_tokenizer(os.path.join(tokenizer_dir, name)) for name in ("vicuna", "llama3", "qwen2")}
+def toks(real_tokenizer):
+    return {name: real_tokenizer(name) for name in ("vicuna", "llama3", "qwen2")}
 
 
 # ---- the references, restated -------------------------------------------------------------------
@@ -403,16 +403,16 @@ def test_sentencepiece_only_directory_loads_as_llama(tokenizer_dir, toks):
     assert bare("Hello world")["input_ids"] == [1, 15043, 3186]  # llama.cpp's ids, with LLaMA's BOS
 
 
-def test_chat_template_whose_prefixes_are_not_prefixes_is_refused(tokenizer_dir):
+def test_chat_template_whose_prefixes_are_not_prefixes_is_refused(toks, monkeypatch):
     """Llama-3-Instruct's first-release template writes the assistant header after every
     conversation, so answers cannot be located; the error names the named templates instead."""
     from datamodules.templates import TemplateError
 
-    tok = load_tokenizer(os.path.join(tokenizer_dir, "llama3"))
+    tok = toks["llama3"]
     tail = "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
     fixed = "{% if add_generation_prompt %}" + tail + "{% endif %}"
     assert fixed in tok.chat_template
-    tok.chat_template = tok.chat_template.replace(fixed, tail)
+    monkeypatch.setattr(tok, "chat_template", tok.chat_template.replace(fixed, tail))
     with pytest.raises(TemplateError, match="use a named template"):
         encode(tok, CONVERSATIONS["multi-turn image"], "chat_template")
 
