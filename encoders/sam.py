@@ -18,6 +18,7 @@ S, normalise, pad bottom-right, so a document page stays whole; `resize="square"
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Sequence
 
@@ -212,19 +213,24 @@ def sam_vit_b(
     preprocess = LongestSidePad(image_size, SAM_PIXEL_MEAN, SAM_PIXEL_STD, resize)  # checks `resize` first
     load = checkpoint is not None and not on_meta_device()
     if load:
-        require_file(checkpoint, "SAM checkpoint")  # before a ~1 s random init that would be thrown away
-    encoder = SamImageEncoder(
-        image_size=image_size,
-        patch_size=16,
-        width=768,
-        depth=12,
-        num_heads=12,
-        window_size=14,
-        global_attn_indexes=(2, 5, 8, 11),
-        out_chans=256,
-    )
+        require_file(checkpoint, "SAM checkpoint")  # before building anything
+    device = torch.get_default_device()
+    # With a checkpoint: built on the meta device, then given memory without the ~0.6 s random init of 89.7M
+    # parameters; the strict load below writes every tensor (the encoder has no buffers).
+    with torch.device("meta") if load else contextlib.nullcontext():
+        encoder = SamImageEncoder(
+            image_size=image_size,
+            patch_size=16,
+            width=768,
+            depth=12,
+            num_heads=12,
+            window_size=14,
+            global_attn_indexes=(2, 5, 8, 11),
+            out_chans=256,
+        )
     encoder.preprocess = preprocess
     if load:
+        encoder.to_empty(device=device)
         load_sam_checkpoint(encoder, checkpoint)
     encoder.set_grad_checkpointing(grad_checkpointing)
     return encoder
