@@ -10,6 +10,7 @@ LLaVA-1.5's `expand2square` with `int(mean * 255)`. Tolerance: one 8-bit step af
 
 from __future__ import annotations
 
+import functools
 import pickle
 from types import SimpleNamespace
 
@@ -202,20 +203,29 @@ def test_sam_unknown_resize_is_an_error():
 # --- timm: resolve_data_config + create_transform ---------------------------------------------------
 
 
+@functools.cache
+def timm_on_meta(model_name: str, image_size: int | None = None, squash: bool = False):
+    """The timm encoder on the meta device (its preprocessing only), built once per photo-parametrised group."""
+    options = {} if image_size is None else {"image_size": image_size}
+    if squash:
+        options["data_config"] = {"crop_pct": 1.0, "crop_mode": "squash"}
+    with torch.device("meta"):
+        return build_encoder("timm:" + model_name, **options)
+
+
 @pytest.mark.parametrize(
-    "model_name, options",
+    "model_name, image_size",
     [
-        ("deit_tiny_patch16_224", {}),  # crop_pct 0.9, ImageNet statistics
-        ("vit_base_patch16_siglip_384", {}),  # timm's SigLIP config (0.5 statistics)
-        ("deit_tiny_patch16_224", {"image_size": 256}),  # built for another size: the recipe at 256
+        ("deit_tiny_patch16_224", None),  # crop_pct 0.9, ImageNet statistics
+        ("vit_base_patch16_siglip_384", None),  # timm's SigLIP config (0.5 statistics)
+        ("deit_tiny_patch16_224", 256),  # built for another size: the recipe at 256
     ],
 )
 @pytest.mark.parametrize("name", ["coffee", "rocket", "page"])
-def test_timm_matches_its_eval_transform(model_name, options, name):
-    with torch.device("meta"):  # the reference reads only the model's pretrained_cfg: no weights needed
-        encoder = build_encoder("timm:" + model_name, **options)
-        model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=encoder.image_size)
-    config = resolve_data_config({}, model=model)
+def test_timm_matches_its_eval_transform(model_name, image_size, name):
+    encoder = timm_on_meta(model_name, image_size)
+    # the pretrained config timm gives the model it creates under that name (read from there, no model built)
+    config = resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(model_name).to_dict())
     config["input_size"] = (3, encoder.image_size, encoder.image_size)
     reference = create_transform(**config, is_training=False)
     img = photo(name)
@@ -226,10 +236,7 @@ def test_timm_matches_its_eval_transform(model_name, options, name):
 @pytest.mark.parametrize("name", PHOTOS)
 def test_timm_siglip_with_squash_matches_siglip_image_processor(name):
     # timm's SigLIP config centre-crops (crop_pct 0.9); SigLIP as released squashes, which data_config restores
-    with torch.device("meta"):
-        encoder = build_encoder(
-            "timm:vit_base_patch16_siglip_384", data_config={"crop_pct": 1.0, "crop_mode": "squash"}
-        )
+    encoder = timm_on_meta("vit_base_patch16_siglip_384", squash=True)
     reference = SiglipImageProcessorPil(size={"height": 384, "width": 384})
     img = photo(name)
     assert steps(encoder.preprocess(img), reference(img)["pixel_values"][0], (0.5, 0.5, 0.5)) <= 1.001
