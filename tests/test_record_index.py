@@ -127,10 +127,8 @@ TRICKY = [
 @pytest.mark.parametrize(
     "name, template", [("vicuna", "vicuna_v1"), ("vicuna", "plain"), ("llama3", "llama3"), ("qwen2", "chatml")]
 )
-def test_token_counts_equal_full_encoding_on_real_tokenizers(tokenizer_dir, name, template):
-    from datamodules import load_tokenizer
-
-    tok = load_tokenizer(os.path.join(tokenizer_dir, name))
+def test_token_counts_equal_full_encoding_on_real_tokenizers(real_tokenizer, name, template):
+    tok = real_tokenizer(name)
     rng = random.Random(1)
     counted = 0
     for image_first in (True, False):
