@@ -29,7 +29,6 @@ from transformers import (
     LlavaProcessor,
 )
 
-from datamodules import load_tokenizer
 from experiment.assemble import build_module
 from experiment.config import config_from_dict, load_config
 from experiment.describe import describe
@@ -73,8 +72,8 @@ def _save(tmp, name: str, kind: str, tokenizer, **config) -> str:
 
 
 @pytest.fixture(scope="module")
-def vicuna(tokenizer_dir):
-    return load_tokenizer(os.path.join(tokenizer_dir, "vicuna"))  # + <image> (32000) and <pad>, as llava-hf's
+def vicuna(real_tokenizer):
+    return real_tokenizer("vicuna")  # + <image> (32000) and <pad>, as llava-hf's
 
 
 @pytest.fixture(scope="module")
