@@ -7,6 +7,7 @@ skip."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 
@@ -178,7 +179,9 @@ def test_max_bad_fraction_is_a_fraction(tiny_cfg):
 def test_several_writers_hold_every_record_once(shapes_root, tmp_path):
     records = json.load(open(os.path.join(shapes_root, "sft_train.json")))
     out = str(tmp_path / "shards")
+    method = multiprocessing.get_start_method(allow_none=True)
     write_shards(os.path.join(shapes_root, "sft_train.json"), out, shapes_root, chunk_bytes="8KB", workers=2)
+    assert multiprocessing.get_start_method(allow_none=True) == method  # litdata forces spawn; put back
     stream = litdata.StreamingDataset(out)
     items = [stream[k] for k in range(len(stream))]
     written = sorted(json.loads(bytes(text))["id"] for text, _ in items)

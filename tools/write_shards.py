@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 
@@ -113,15 +114,21 @@ def write_shards(
     if local and workers <= 1:
         write_here(jobs, out, chunk_bytes)
     else:
-        litdata.optimize(
-            fn=shard_item,
-            inputs=jobs,
-            output_dir=os.path.abspath(out) if local else out,
-            chunk_bytes=chunk_bytes,
-            num_workers=max(1, workers),
-            mode="overwrite" if overwrite else None,
-            verbose=False,
-        )
+        # litdata's DataProcessor sets the process-wide multiprocessing start method to spawn (force=True); the
+        # caller's is put back, so a DataLoader it starts later in this process still forks its workers
+        method = multiprocessing.get_start_method(allow_none=True)
+        try:
+            litdata.optimize(
+                fn=shard_item,
+                inputs=jobs,
+                output_dir=os.path.abspath(out) if local else out,
+                chunk_bytes=chunk_bytes,
+                num_workers=max(1, workers),
+                mode="overwrite" if overwrite else None,
+                verbose=False,
+            )
+        finally:
+            multiprocessing.set_start_method(method, force=True)
     return len(records)
 
 
