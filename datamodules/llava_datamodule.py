@@ -139,6 +139,12 @@ class LLaVADataModule(L.LightningDataModule):
         self.bad_cap: BadRecordCap | None = None  # shards sources: bad records met while streaming, capped
         self._bad_state: dict | None = None  # a checkpoint's counts, for a cap set up after it was loaded
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn or forkserver (macOS, Python 3.14's default) pickle the datasets,
+        # whose encode_fn is this DataModule's method: they get it without the Trainer, whose callbacks they never
+        # use and which does not pickle
+        return {**self.__dict__, "trainer": None}
+
     def encode(self, record: dict):
         d = self.data
         return encode(

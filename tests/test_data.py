@@ -269,3 +269,24 @@ def test_decompression_bomb_is_an_unreadable_image(tokenizer, shapes_root, tmp_p
     dm = make_dm(tokenizer, path, shapes_root, on_error="skip")
     dm.setup()
     assert dm.train_set[0]["skipped"]  # a stand-in counted by the batch as skipped; the run goes on
+
+
+def test_datasets_pickle_without_the_trainer_for_spawned_workers(tiny_cfg):
+    """DataLoader workers started by spawn or forkserver (macOS, Python 3.14) pickle the dataset, which encodes
+    through its DataModule: the DataModule goes without its Trainer (whose callbacks hold lambdas), and the
+    unpickled dataset gives the same sample."""
+    import pickle
+    from types import SimpleNamespace
+
+    import torch
+
+    from experiment.assemble import build_datamodule
+
+    dm = build_datamodule(tiny_cfg())
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(callbacks=[lambda batch: batch])  # a lambda, as ThroughputRates holds
+    copy = pickle.loads(pickle.dumps(dm.train_set))
+    assert dm.trainer is not None  # the DataModule itself keeps its Trainer
+    ours, theirs = dm.train_set[0], copy[0]
+    assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
