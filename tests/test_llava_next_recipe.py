@@ -1,5 +1,6 @@
 """The LLaVA-NeXT recipes: the CPU-sized AnyRes quickstart trains end to end (every batch's views, image sizes and
-image tokens as the tower counts them), and the high-resolution comparison set's `--describe` budgets."""
+image tokens as the tower counts them); the high-resolution comparison set: its `--describe` budgets, and each
+contender trains."""
 
 from __future__ import annotations
 
@@ -63,3 +64,22 @@ def test_the_comparison_set_describes_matched_budgets(name):
     budget = next(line for line in text.splitlines() if line.startswith(("image tokens per image", "  256")))
     print(f"{name}: {budget.strip()}")
     assert BUDGETS[name] in text
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "sam_vit_b.yaml" else n for n in BUDGETS]
+)  # SAM ViT-B (89.7M parameters) at 256 px
+def test_the_comparison_set_trains_end_to_end(name, tmp_path):
+    """Each high-resolution contender, as its YAML sets it up (256 px built-in images), trains 2 steps on CPU with
+    every batch consistent with its tower and a finite loss."""
+    overrides = [
+        f"data.builtin.root={tmp_path}/shapes", "data.builtin.num_train=8", "data.builtin.num_val=2",
+        "data.batch_size=2", "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", f"logging.root={tmp_path}/runs",
+    ]  # fmt: skip
+    cfg = load_config(os.path.join(EXPERIMENTS_DIR, "compare_highres", name), overrides)
+    losses, check = LossRecorder(), BatchCheck()
+    torch.manual_seed(0)
+    fit(cfg, losses, check)
+    assert len(losses.losses) == 2 and all(math.isfinite(v) for v in losses.losses.values())
+    assert check.images > 0
