@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from foundation.errors import USER_ERRORS, MissingExtra, UserError, run_command
-from tests.support.processes import run_commands_in_one_process
+from tests.support.processes import run_commands
 
 
 def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:
@@ -43,7 +43,7 @@ def _cases(tmp: str) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.slow  # ten commands in one process importing torch, transformers and lightning once (about 20 s)
+@pytest.mark.slow  # ten command-line processes, forked from the test process server (about 7 s to start it)
 def test_a_user_error_is_one_line_and_status_2(tmp_path):
     import torch
 
@@ -51,7 +51,7 @@ def test_a_user_error_is_one_line_and_status_2(tmp_path):
         pickle.dump({"state_dict": {}, "on_load": print}, f, protocol=2)  # torch.save's protocol
     torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}}, tmp_path / "empty.ckpt")  # defaults config
     cases = _cases(str(tmp_path))
-    results = run_commands_in_one_process([args for args, _ in cases.values()])
+    results = run_commands([args for args, _ in cases.values()])
     for (case, (_, needle)), proc in zip(cases.items(), results):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2, (case, proc.stderr[-3000:])

@@ -19,7 +19,7 @@ from experiment.runner import resolve_resume
 from inference.load import load_module
 from tests.support.events import scalars
 from tests.support.paths import REPO
-from tests.support.processes import run_in_one_process
+from tests.support.processes import run_script
 from tests.support.quickstart import tiny_overrides
 from tests.support.runs import LossRecorder, fit, run_script_here
 
@@ -199,7 +199,7 @@ def test_cli_overrides(shapes_root, tmp_path):
     assert len(scalars(os.path.dirname(config), "train/loss")) == 1
 
 
-@pytest.mark.slow  # six train.py commands, run in one process that imports torch, transformers and lightning once
+@pytest.mark.slow  # six train.py processes, forked from the test process server (about 7 s to start it)
 def test_cli_errors_are_one_line_with_status_2(shapes_root, tmp_path):
     errors = (
         (["optim.lrr=1"], "unknown key 'optim.lrr'"),
@@ -208,7 +208,7 @@ def test_cli_errors_are_one_line_with_status_2(shapes_root, tmp_path):
         (["init_from=nowhere.ckpt", *tiny_overrides(shapes_root, str(tmp_path / "runs"))], "checkpoint not found"),
     )
     describe = ["experiments/quickstart.yaml", "--describe", "model.llm.lora={r: 4}"]  # the flag anywhere
-    *procs, help_text, described = run_in_one_process("train.py", [args for args, _ in errors] + [["--help"], describe])
+    *procs, help_text, described = run_script("train.py", [args for args, _ in errors] + [["--help"], describe])
     for (args, needle), proc in zip(errors, procs):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and needle in proc.stderr, (args, proc.stderr[-2000:])

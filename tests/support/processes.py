@@ -57,58 +57,16 @@ def kill_after_checkpoint(proc, checkpoint: str, timeout: float = 300, sig: int 
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
 
 
-# Runs each command of a JSON list (what follows `python`: `script args...` or `-m module args...`) as Python
-# would, one after the other in this one process (so torch, transformers and lightning are imported once): stdout
-# and stderr at the file-descriptor level (what loggers and warnings write too), the exit status from SystemExit,
-# and an escaping exception as Python prints it.
-_SHARED_PROCESS = r"""
-import json, os, runpy, sys, tempfile, traceback
-results = []
-for command in json.loads(sys.argv[1]):
-    module = command[1] if command[0] == "-m" else None
-    sys.argv = [module or command[0], *command[2 if module else 1:]]
-    files = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
-    sys.stdout.flush(); sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    os.dup2(files[0].fileno(), 1); os.dup2(files[1].fileno(), 2)
-    try:
-        if module:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(command[0], run_name="__main__")
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        if exit.code is not None and not isinstance(exit.code, int):
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush(); sys.stderr.flush()
-    os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-    out, err = [(f.seek(0), f.read())[1] for f in files]
-    results.append({"returncode": code, "stdout": out, "stderr": err})
-print("\n" + json.dumps(results))
-"""
+def run_commands(commands: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
+    """Each command (what follows `python`: `[script, *args]` or `["-m", module, *args]`) run to its end as a
+    process of its own, forked from the process server (tests/support/zygote.py), one after the other: for checks
+    of command lines' messages and exit codes, where importing torch once per command would cost most of the time."""
+    return [run_training([sys.executable, *command], cwd) for command in commands]
 
 
-def run_commands_in_one_process(commands: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
-    """Each command (what follows `python`: `[script, *args]` or `["-m", module, *args]`) as a process of its own
-    would give it (exit status, stdout, stderr), run one after the other in one Python process: for checks of
-    command lines' messages and exit codes, where importing torch once per command would cost most of the time."""
-    import json
-
-    proc = zygote.run([sys.executable, "-c", _SHARED_PROCESS, json.dumps(commands)], cwd, _env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.splitlines()[-1])
-    return [
-        subprocess.CompletedProcess(c, r["returncode"], r["stdout"], r["stderr"]) for c, r in zip(commands, results)
-    ]
-
-
-def run_in_one_process(script: str, argvs: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
-    """`python script *argv` for each argv, in one process (`run_commands_in_one_process`)."""
-    return run_commands_in_one_process([[script, *argv] for argv in argvs], cwd)
+def run_script(script: str, argvs: list[list[str]], cwd: str = REPO) -> list[subprocess.CompletedProcess]:
+    """`python script *argv` for each argv (`run_commands`)."""
+    return run_commands([[script, *argv] for argv in argvs], cwd)
 
 
 # 51 training samples at a global batch of 8: 7 steps an epoch, the last one padded (steps 6 and 13), 16 steps
