@@ -318,6 +318,19 @@ def _added_bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
+def segment_layout(segments: Segments) -> tuple[str, list[int], list[bool], list[int]]:
+    """Segments -> (their joined text, each non-empty segment's start offset, its trainable flag, the offsets where
+    the text turns from prompt to answer or back: where no token may cross)."""
+    text = "".join(t for t, _ in segments)
+    bounds, flags, pos = [], [], 0
+    for t, trainable in segments:
+        if t:
+            bounds.append(pos)
+            flags.append(trainable)
+            pos += len(t)
+    return text, bounds, flags, [bounds[k] for k in range(1, len(bounds)) if flags[k] != flags[k - 1]]
+
+
 def _tokenize(tokenizer, segments: Segments, image_token: str) -> tuple[list[int], list[int], int]:
     """Segments -> (ids, labels, index of the last answer's first token).
 
@@ -327,14 +340,7 @@ def _tokenize(tokenizer, segments: Segments, image_token: str) -> tuple[list[int
     where a token would cross from a prompt segment into an answer (or back), the piece is tokenised
     on both sides of that point instead, each side on its own.
     """
-    text = "".join(t for t, _ in segments)
-    bounds, flags, pos = [], [], 0  # segment starts and trainable flags
-    for t, trainable in segments:
-        if t:
-            bounds.append(pos)
-            flags.append(trainable)
-            pos += len(t)
-    cuts = [bounds[k] for k in range(1, len(bounds)) if flags[k] != flags[k - 1]]
+    text, bounds, flags, cuts = segment_layout(segments)
     ids: list[int] = []
     starts: list[int] = []  # character start of each token
 

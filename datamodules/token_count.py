@@ -23,7 +23,7 @@ import re
 
 import regex
 
-from datamodules.templates import TEMPLATES, _added_bos, move_image_first, to_messages
+from datamodules.templates import TEMPLATES, _added_bos, move_image_first, segment_layout, to_messages
 
 # Pre-tokenizers whose split of a text section does not depend on where the section starts.
 CACHE_WORDS = 1 << 21  # distinct words kept (about 200 MB at most); LLaVA-665K has far fewer
@@ -103,14 +103,7 @@ class TokenCounter:
         if self.why_not is not None:
             return None
         segments = self.segments(messages, self.system)
-        text = "".join(t for t, _ in segments)
-        bounds, flags, pos = [], [], 0
-        for t, trainable in segments:
-            if t:
-                bounds.append(pos)
-                flags.append(trainable)
-                pos += len(t)
-        cuts = [bounds[k] for k in range(1, len(bounds)) if flags[k] != flags[k - 1]]
+        text, _, _, cuts = segment_layout(segments)
         total, a = self.bos, 0
         while True:
             k = text.find(self.image_token, a)
