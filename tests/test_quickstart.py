@@ -1,9 +1,9 @@
 """The README's promise: `python train.py` trains the quickstart to >= 0.95 held-out exact match.
 
-Slow (about 3 minutes on 2 CPU cores alone), and run in CI because the README makes the promise. It runs
-train.py as the README does (a subprocess), started when this test is collected (tests/conftest.py) so that it
-trains on one thread beside the other tests, on the other core; the minutes it prints are then not the README's
-time, which is measured alone.
+Slow (76 s on 2 CPU cores alone, about 2.5 min on the one thread it gets beside the suite), and run in CI
+because the README makes the promise. It runs train.py as the README does (a subprocess), started when this test
+is collected (tests/conftest.py) so that it trains on one thread beside the other tests, on the other core; the
+minutes it prints are then not the README's time, which is measured alone.
 """
 
 from __future__ import annotations
