@@ -148,6 +148,12 @@ class LLaVADataModule(L.LightningDataModule):
         """Records whose id an earlier record has (kept; logged to TensorBoard)."""
         return self.sources.duplicate_ids
 
+    @property
+    def val_sources(self) -> list[str]:
+        """The sources whose validation is reported apart (`val/loss/<source>`, lit_modules/source_metrics.py): a
+        mixture's sources with held-out rows, by the names their batches carry (`sources`); none without a mixture."""
+        return list(self.val_set.names) if self.mixture is not None and self.val_set is not None else []
+
     def encode(self, record: dict):
         """A record of the data group's file as the model sees it (the stage's template and system prompt)."""
         return self.sources.encoder()(record)
