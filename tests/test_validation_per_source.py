@@ -1,19 +1,25 @@
 """Validation per source of a mixture (lit_modules/source_metrics.py): each source's loss is the loss of its held-out
 samples alone (a separate forward), its exact match that of its answers, the per-source numbers add up to the
-pooled `val/loss` and `val/exact_match`, and a single-file run has none."""
+pooled `val/loss` and `val/exact_match`, a run writes them to TensorBoard, and a single-file run has none."""
 
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from datamodules.llava_data import collate
 from experiment.assemble import build_datamodule, build_module
-from lit_modules.callbacks.run_summary import LAYOUT, layout
+from lit_modules.callbacks.run_summary import LAYOUT, PER_SOURCE_LAYOUT, layout
 from lit_modules.source_metrics import SourceMeans
 from metrics import METRICS
+from tests.support.events import scalars
 from tests.support.mixtures import sources_overrides, split_sources
+from tests.support.runs import fit
 
 VAL = ("data.val_fraction=0.25", "data.val_batch_size=4")  # held out: 3 of part0's 12, 2 of part1's 8, 1 of part2's 7
 
@@ -85,3 +91,46 @@ def test_each_source_is_scored_on_its_held_out_samples_alone(tiny_cfg, shapes_ro
     assert module.val_sources == [] and "val/loss" in single
     assert not [k for k in single if k.startswith(("val/loss/", "val/exact_match/"))]
     assert layout(False) == LAYOUT and layout(True) != LAYOUT
+
+
+def custom_scalars(run_dir: str) -> layout_pb2.Layout:
+    ea = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    ea.Reload()
+    (event,) = ea.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+
+
+def test_a_run_writes_each_sources_validation_to_tensorboard(tiny_cfg, shapes_root, tmp_path, caplog):
+    # what train.py runs (experiment.runner.run), in this process: a second of work, not a process of its own
+    paths = split_sources(shapes_root, tmp_path)
+    mixture = (*sources_overrides(shapes_root, paths), *VAL, "data.batch_size=4", "trainer.max_steps=6")
+    caplog.set_level(logging.INFO)
+    trainer = fit(tiny_cfg(*mixture, "logging.run_name=mix"))
+    run_dir = trainer.logger.log_dir
+    console = caplog.text
+    assert "  val/loss by source: part0 " in console and "  val/exact_match by source: part0 " in console
+    last = next(line for line in console.splitlines() if line.startswith("  last: "))
+    assert "val/loss " in last and "val/loss/" not in last  # the closing summary: the pooled numbers only
+    # the held-out samples' scored tokens per source, counted from the data
+    dm = build_datamodule(tiny_cfg(*mixture))
+    dm.setup()
+    tokens = {}
+    for name, part in zip(dm.val_set.names, dm.val_set.parts):
+        tokens[name] = sum(sum(1 for label in part[i]["labels"][1:] if label != -100) for i in range(len(part)))
+    pooled = scalars(run_dir, "val/loss")
+    answers = {name: len(part) for name, part in zip(dm.val_set.names, dm.val_set.parts)}  # every one scored
+    # 21 samples an epoch in 6 batches of 4, validated every 3 (val_check_interval 0.5): recorded at steps 2 and 5
+    pooled, pooled_match = scalars(run_dir, "val/loss"), scalars(run_dir, "val/exact_match")
+    assert sorted(pooled) == sorted(pooled_match) == [2, 5]
+    loss = {name: scalars(run_dir, f"val/loss/{name}") for name in tokens}
+    match = {name: scalars(run_dir, f"val/exact_match/{name}") for name in tokens}
+    for step in pooled:
+        mean = sum(loss[n][step] * t for n, t in tokens.items()) / sum(tokens.values())
+        assert mean == pytest.approx(pooled[step], rel=1e-5), step
+        mean = sum(match[n][step] * k for n, k in answers.items()) / sum(answers.values())
+        assert mean == pytest.approx(pooled_match[step], abs=1e-6), step
+    charts = {chart.title: list(chart.multiline.tag) for category in custom_scalars(run_dir).category
+              for chart in category.chart}  # fmt: skip
+    for category, wanted in PER_SOURCE_LAYOUT.items():
+        for title, (_, tags) in wanted.items():
+            assert charts[title] == tags
