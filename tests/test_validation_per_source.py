@@ -5,6 +5,7 @@ pooled `val/loss` and `val/exact_match`, a run writes them to TensorBoard, and a
 from __future__ import annotations
 
 import logging
+import os
 
 import lightning as L
 import pytest
@@ -19,6 +20,7 @@ from lit_modules.source_metrics import SourceMeans
 from metrics import METRICS
 from tests.support.events import scalars
 from tests.support.mixtures import sources_overrides, split_sources
+from tests.support.processes import run_training, train_cli_args
 from tests.support.runs import fit
 
 VAL = ("data.val_fraction=0.25", "data.val_batch_size=4")  # held out: 3 of part0's 12, 2 of part1's 8, 1 of part2's 7
@@ -134,3 +136,24 @@ def test_a_run_writes_each_sources_validation_to_tensorboard(tiny_cfg, shapes_ro
     for category, wanted in PER_SOURCE_LAYOUT.items():
         for title, (_, tags) in wanted.items():
             assert charts[title] == tags
+
+
+@pytest.mark.slow  # two train.py runs, one of them two gloo processes
+def test_two_ddp_processes_report_each_source_as_one_process_does(shapes_root, tmp_path):
+    # the per-source sums are added over the ranks: two processes x 3 held-out samples give one process's numbers
+    mixture = (*sources_overrides(shapes_root, split_sources(shapes_root, tmp_path)), *VAL, "trainer.max_steps=3")
+    root = str(tmp_path / "runs")
+    runs = {
+        "one": ("data.batch_size=4",),
+        "two": ("trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=2", "data.val_batch_size=2"),
+    }
+    for name, extra in runs.items():
+        run = run_training(
+            train_cli_args(shapes_root, root, *mixture, *extra, f"logging.run_name={name}"), str(tmp_path)
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tags = ["val/loss", *(f"val/loss/part{k}" for k in range(3)), *(f"val/exact_match/part{k}" for k in range(3))]
+    one, two = ({tag: scalars(os.path.join(root, "quickstart", name), tag) for tag in tags} for name in runs)
+    for tag in tags:
+        assert sorted(one[tag]) == sorted(two[tag]) == [2], tag
+        assert two[tag][2] == pytest.approx(one[tag][2], rel=1e-5, abs=1e-6), tag
