@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
-import json
 import logging
 import math
 import multiprocessing
@@ -30,13 +29,12 @@ from datamodules.bad_records import BadRecordCap, with_bad
 from datamodules.image_tokens import image_tokens_of
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, collate
-from datamodules.mixture import Mixture, MixtureDataset, resolve_counts
+from datamodules.mixture import Mixture
 from datamodules.packing import pack
-from datamodules.record_index import CheckSettings, IndexedSamples, RecordIndex, open_index
 from datamodules.sampler import GroupedSampler, ZeroWeightPadding
-from datamodules.shards import ShardDataset, shard_count
-from datamodules.templates import encode, stop_token_ids
-from foundation.schema import DataConfig, SourceConfig, source_name
+from datamodules.sources import DataSources, report_mixture
+from datamodules.templates import stop_token_ids
+from foundation.schema import DataConfig
 from foundation.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -98,7 +96,7 @@ class LLaVADataModule(L.LightningDataModule):
     Args:
         tokenizer: the LLM's tokenizer, with the image placeholder and a pad token (see `load_tokenizer`).
         data: the `data` group with `train_json` (and `image_folder`, `val_json`) or `sources` (a mixture,
-            datamodules/mixture.py) set; every option is documented in foundation/schema.py `DataConfig`. Each
+            datamodules/sources.py) set; every option is documented in foundation/schema.py `DataConfig`. Each
             file is read through its record index (datamodules/record_index.py), built in `prepare_data` (once per
             node) or, when that did not run, in `setup`. `data.template=None` takes the stage's
             `default_template` (foundation/stages.py). With `data.packing`, each training batch's samples
@@ -128,149 +126,63 @@ class LLaVADataModule(L.LightningDataModule):
         # tokens per image: fixed, or by size and layout with a tiling (datamodules/image_tokens.py)
         self.image_tokens = image_tokens_of(image, data.pad_to_square, data.multi_image, data.video_pool)
         self.stop_ids = stop_token_ids(tokenizer, self.template)
-        self.skipped: Counter = Counter()  # reason -> records dropped (logged to TensorBoard)
-        self.duplicate_ids = 0  # records whose id an earlier record has (kept; logged to TensorBoard)
+        # the files and shards read into datasets (datamodules/sources.py); their checks' counts
+        self.sources = DataSources(
+            tokenizer, data, image, self.image_tokens, self.transform, stage=stage, seed=seed, image_token=image_token
+        )
         self._resume: tuple[int, int, int] | None = None  # (epoch, global position, its global batch): checkpoint
         self.train_set = self.val_set = None
-        self._indexes: dict[tuple, RecordIndex] = {}
         self.mixture: Mixture | None = None  # data.sources: what an epoch takes from each
         self._sampler: GroupedSampler | None = None  # the training loader's (samples seen per source)
         self._seen_order: tuple[int, np.ndarray] | None = None  # (epoch, its global order's sources)
         self.bad_cap: BadRecordCap | None = None  # shards sources: bad records met while streaming, capped
         self._bad_state: dict | None = None  # a checkpoint's counts, for a cap set up after it was loaded
 
-    def __getstate__(self) -> dict:
-        # DataLoader workers started by spawn or forkserver (macOS, Python 3.14's default) pickle the datasets,
-        # whose encode_fn is this DataModule's method: they get it without the Trainer, whose callbacks they never
-        # use and which does not pickle
-        return {**self.__dict__, "trainer": None}
+    @property
+    def skipped(self) -> Counter:
+        """Reason -> records dropped by the checks (logged to TensorBoard)."""
+        return self.sources.skipped
+
+    @property
+    def duplicate_ids(self) -> int:
+        """Records whose id an earlier record has (kept; logged to TensorBoard)."""
+        return self.sources.duplicate_ids
+
+    @property
+    def val_sources(self) -> list[str]:
+        """The sources whose validation is reported apart (`val/loss/<source>`, lit_modules/source_metrics.py): a
+        mixture's sources with held-out rows, by the names their batches carry (`sources`); none without a mixture."""
+        return list(self.val_set.names) if self.mixture is not None and self.val_set is not None else []
 
     def encode(self, record: dict):
-        d = self.data
-        return encode(
-            self.tokenizer, record["conversations"], self.template, d.system_prompt, d.image_first, self.image_token
-        )
-
-    def _source_encoder(self, source: SourceConfig):
-        """Record -> Encoded under the source's own template and system prompt (the data group's by default)."""
-        d = self.data
-        template = STAGES.get(self.stage).template(source.template or d.template)
-        system = d.system_prompt if source.system_prompt is None else source.system_prompt
-        return functools.partial(_encode, self.tokenizer, template, system, d.image_first, self.image_token)
-
-    def _index(self, path: str, source: SourceConfig | None = None) -> RecordIndex:
-        d = self.data
-        folder = source.image_folder or d.image_folder if source else d.image_folder
-        settings = CheckSettings(
-            template=STAGES.get(self.stage).template(source.template or d.template) if source else self.template,
-            system_prompt=source.system_prompt if source and source.system_prompt is not None else d.system_prompt,
-            image_first=d.image_first,
-            image_token=self.image_token,
-            num_image_tokens=self.image.num_tokens,
-            max_length=d.max_length,
-            image_folder=os.path.abspath(folder) if folder else None,
-            images_outside_folder=d.images_outside_folder,
-            image_rule=self.image_tokens.key(),
-            video_frames=d.video_frames,
-            video_time_prompt=d.video_time_prompt,
-        )
-        key = (path, settings)
-        if key not in self._indexes:  # prepare_data's, reused by setup in the same process
-            self._indexes[key] = open_index(
-                path, settings, self.tokenizer, d.index_dir, d.index_workers, image_tokens=self.image_tokens
-            )
-        return self._indexes[key]
-
-    def _samples(self, index: RecordIndex, rows: np.ndarray) -> IndexedSamples:
-        """The usable records of `rows`, with `data.on_error` applied to the index's verdicts."""
-        usable, skipped = index.usable(rows, self.data.on_error, log)
-        self.skipped.update(skipped)
-        duplicates, shown = index.duplicates(rows)
-        if duplicates:  # kept, counted and warned about (evaluation outputs keyed by id would collide)
-            log.warning("%s: %d duplicate record ids (kept): %s", index.path, duplicates, ", ".join(map(repr, shown)))
-        self.duplicate_ids += duplicates
-        if not len(usable):
-            raise ValueError(f"{index.path}: no usable records (skipped: {skipped})")
-        return IndexedSamples(index, usable)
-
-    def _dataset(self, samples: IndexedSamples, path: str, source: SourceConfig | None = None) -> LLaVADataset:
-        d = self.data
-        folder, encode_fn = (
-            (source.image_folder or d.image_folder, self._source_encoder(source))
-            if source
-            else (d.image_folder, self.encode)
-        )
-        return LLaVADataset(
-            samples,
-            path,
-            folder,
-            encode_fn,
-            self.transform,
-            self.image_token_id,
-            self.image_tokens,
-            d.on_error,
-            video_frames=d.video_frames,
-            video_time_prompt=d.video_time_prompt,
-            image_token=self.image_token,
-        )
+        """A record of the data group's file as the model sees it (the stage's template and system prompt)."""
+        return self.sources.encoder()(record)
 
     def prepare_data(self) -> None:
         # Lightning runs this once per node, before `setup` on every rank: the indexes are built here, with every
         # core, and the ranks map them in `setup` (which also builds them when called alone, as in tests).
         for path in dict.fromkeys(p for p in (self.data.train_json, self.data.val_json) if p):
-            self._index(path)
+            self.sources.index(path)
         for source in self.data.sources:
             if source.file:  # shards are read as the run goes, with no index
-                self._index(source.file, source)
+                self.sources.index(source.file, source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         if self.data.sources:
             return self._setup_mixture()
-        d = self.data
-        train = self._index(d.train_json)
-        rows = np.arange(len(train))
-        val, val_rows = (self._index(d.val_json), None) if d.val_json else (None, None)
-        if val is not None:
-            val_rows = np.arange(len(val))
-        if (val is None or not len(val_rows)) and d.val_fraction > 0:
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).numpy()
-            n_val = max(1, int(len(train) * d.val_fraction))
-            val, val_rows, rows = train, order[:n_val], np.sort(order[n_val:])
-        self.train_set = self._dataset(self._samples(train, rows), d.train_json)
-        if val is not None and len(val_rows):
-            self.val_set = self._dataset(self._samples(val, val_rows), val.path)
+        self.train_set, self.val_set = self.sources.single()
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
 
     def _setup_mixture(self) -> None:
-        """data.sources: each source indexed and checked with its own template; the epoch's counts resolved, printed
-        and saved with the run (mixture.json); validation on each source's `data.val_fraction`, together."""
+        """data.sources (datamodules/sources.py): the training and validation mixtures; the epoch's counts printed
+        and saved with the run (mixture.json); the cap on bad records of the sources read from shards."""
         d = self.data
-        names = [source_name(s) for s in d.sources]
-        train_parts, val_parts, val_names = [], [], []
-        for k, source in enumerate(d.sources):
-            if source.shards:
-                self._shard_parts(source, k, names[k], train_parts, val_parts, val_names)
-                continue
-            index = self._index(source.file, source)
-            rows, val_rows = np.arange(len(index)), np.zeros(0, np.int64)
-            if d.val_fraction > 0:
-                order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + k)).numpy()
-                n_val = max(1, int(len(index) * d.val_fraction))
-                val_rows, rows = order[:n_val], np.sort(order[n_val:])
-            train_parts.append(self._dataset(self._samples(index, rows), source.file, source))
-            if len(val_rows):
-                val_parts.append(self._dataset(self._samples(index, val_rows), source.file, source))
-                val_names.append(names[k])
-        amounts = ("weight", "repeat", "num_samples")
-        how = [next(((a, getattr(s, a)) for a in amounts if getattr(s, a) is not None), None) for s in d.sources]
-        records = [len(p) for p in train_parts]
-        self.mixture = Mixture(names, records, resolve_counts(names, how, records), self.seed)
-        self.train_set = MixtureDataset(train_parts, names)
-        if val_parts:
-            self.val_set = MixtureDataset(val_parts, val_names)
+        sets = self.sources.mixture()
+        self.mixture, self.train_set, self.val_set = sets.mixture, sets.train, sets.val
+        names = self.mixture.names
         streamed = {names[k]: n for k, n in enumerate(self.mixture.samples) if d.sources[k].shards}
         if streamed:
             self.bad_cap = BadRecordCap(streamed, d.max_bad_fraction, self._world()[0])
@@ -279,33 +191,8 @@ class LLaVADataModule(L.LightningDataModule):
         if self.skipped:
             log.warning("skipped records: %s", dict(self.skipped))
         if self.trainer is None or self.trainer.is_global_zero:
-            print("data mixture (samples an epoch takes from each source):\n" + self.mixture.table(), file=sys.stderr)
             log_dir = self.trainer.logger.log_dir if self.trainer is not None and self.trainer.logger else None
-            if log_dir:
-                os.makedirs(log_dir, exist_ok=True)
-                with open(os.path.join(log_dir, "mixture.json"), "w") as f:
-                    json.dump({"seed": self.seed, "sources": self.mixture.describe()}, f, indent=1)
-
-    def _shard_parts(self, source: SourceConfig, k: int, name: str, train_parts, val_parts, val_names) -> None:
-        """A shards source's training (and validation) rows, split as a file's are (datamodules/shards.py)."""
-        d = self.data
-        n = shard_count(source.shards)
-        rows, val_rows = np.arange(n), np.zeros(0, np.int64)
-        if d.val_fraction > 0:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + k)).numpy()
-            n_val = max(1, int(n * d.val_fraction))
-            val_rows, rows = order[:n_val], np.sort(order[n_val:])
-
-        def part(rows: np.ndarray) -> ShardDataset:
-            return ShardDataset(
-                source.shards, rows, name, self._source_encoder(source), self.transform, self.image_token_id,
-                self.image.num_tokens, d.max_length, self.image_token, self.tokenizer.pad_token_id,
-            )  # fmt: skip
-
-        train_parts.append(part(rows))
-        if len(val_rows):
-            val_parts.append(part(val_rows))
-            val_names.append(name)
+            report_mixture(self.mixture, self.seed, log_dir)
 
     def _loader(self, dataset: LLaVADataset, batch_size: int, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -464,7 +351,3 @@ class LLaVADataModule(L.LightningDataModule):
         if trainer.is_global_zero and trainer.logger is not None:
             counts = {f"data/bad_records/{name}": float(n) for name, n in self.bad_cap.total.items()}
             trainer.logger.log_metrics(counts, step=trainer.global_step)
-
-
-def _encode(tokenizer, template: str, system: str | None, image_first: bool, image_token: str, record: dict):
-    return encode(tokenizer, record["conversations"], template, system, image_first, image_token)

@@ -18,7 +18,9 @@ from torchmetrics import MeanMetric
 
 from foundation.schema import EvalConfig, OptimConfig
 from lit_modules.lr_schedule import WarmupCosine
+from lit_modules.source_metrics import SourceMeans
 from metrics import METRICS
+from model.loss import sample_losses
 from model.vlm import VisionLanguageModel
 
 
@@ -61,6 +63,10 @@ class VLMModule(L.LightningModule):
         self.evaluation = evaluation or EvalConfig()
         self.stop_ids = stop_ids or [tokenizer.eos_token_id]
         self.val_accuracy = MeanMetric()
+        # a mixture's validation per source (lit_modules/source_metrics.py), set up with the data (`setup`)
+        self.val_sources: list[str] = []
+        self.val_loss_per_source: SourceMeans | None = None
+        self.val_accuracy_per_source: SourceMeans | None = None
         self.parameter_table = model.freeze_for(stage, trainable)
         rank_zero_info("\n" + self.parameter_table)
         self.strict_loading = False  # checkpoints leave out frozen weights; on_load_checkpoint checks the rest
@@ -106,17 +112,32 @@ class VLMModule(L.LightningModule):
             self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
         return out.loss
 
+    def setup(self, stage: str) -> None:
+        # The DataModule names the sources its validation batches come from (a mixture's, else none): each gets
+        # `val/loss/<source>` and `val/exact_match/<source>` beside the pooled keys. Set up before the strategy
+        # moves the module to its device, so the metrics' states go with it.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = list(getattr(datamodule, "val_sources", None) or [])
+        if names != self.val_sources:
+            self.val_sources = names
+            self.val_loss_per_source = SourceMeans(names) if names else None
+            self.val_accuracy_per_source = SourceMeans(names) if names else None
+
     def validation_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Loss on every batch; greedy answers (returned for the ValidationSamples callback) and exact
-        match on the first `eval.max_generate_batches` batches (all when None)."""
+        match on the first `eval.max_generate_batches` batches (all when None); each also per source of a mixture."""
         if "input_ids" not in batch:
             return None
         # The token mean over the validation set: each batch weighs by its label tokens (stand-ins for
         # unreadable images have none). Every rank logs every batch, so the epoch-end reduction lines up.
         tokens = (batch["labels"][:, 1:] != -100).sum()
-        loss = self(batch, tokens.float().clamp(min=1.0)).loss
-        self.log("val/loss", loss, batch_size=int(tokens), sync_dist=True)
+        out = self(batch, tokens.float().clamp(min=1.0))
+        self.log("val/loss", out.loss, batch_size=int(tokens), sync_dist=True)
         self.log("data/skipped_val_images", float(batch.get("num_skipped", 0)), reduce_fx="sum", sync_dist=True)
+        source = self._source_index(batch)  # [B] or None
+        if source is not None:  # validation rows are one sample each (never packed)
+            scored = (batch["labels"][:, 1:] != -100).sum(1)  # [B]
+            self.val_loss_per_source.update(source, sample_losses(out, batch["labels"]), scored)
         limit = self.evaluation.max_generate_batches
         if limit is not None and batch_idx >= limit:
             return None
@@ -131,12 +152,23 @@ class VLMModule(L.LightningModule):
         )
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         # a sample whose image could not be read is not scored
-        scored = [(o, a) for o, a, skipped in zip(outputs, batch["answers"], batch["skipped"].tolist()) if not skipped]
-        if scored:
+        kept = [k for k, skipped in enumerate(batch["skipped"].tolist()) if not skipped]
+        if kept:
             # the benchmarks' exact match (metrics/exact_match.py), so `val/exact_match` is the number they report
-            accuracy = METRICS.build("exact_match", *map(list, zip(*scored)))["accuracy"]
-            self.val_accuracy.update(torch.tensor(accuracy, device=self.device), weight=len(scored))
+            predictions, answers = [outputs[k] for k in kept], [batch["answers"][k] for k in kept]
+            accuracy = METRICS.build("exact_match", predictions, answers)["accuracy"]
+            self.val_accuracy.update(torch.tensor(accuracy, device=self.device), weight=len(kept))
+        if source is not None:  # every generating batch updates it on every rank, answers scored or not
+            hits = [METRICS.build("exact_match", [outputs[k]], [batch["answers"][k]])["accuracy"] for k in kept]
+            self.val_accuracy_per_source.update(source[kept], torch.tensor(hits), torch.ones(len(kept)))
         return {"outputs": outputs}
+
+    def _source_index(self, batch: dict) -> torch.Tensor | None:
+        """Each sample's source as an index into `val_sources` [B] (None when validation is not per source)."""
+        if self.val_loss_per_source is None:
+            return None
+        index = {name: k for k, name in enumerate(self.val_sources)}
+        return torch.tensor([index[name] for name in batch["sources"]], device=self.device)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_accuracy.update_count:
@@ -144,9 +176,20 @@ class VLMModule(L.LightningModule):
             self.log("val/exact_match", acc)
             self.log("hparams/val_exact_match", acc)
         self.val_accuracy.reset()
+        if self.val_loss_per_source is not None:
+            self._log_per_source("val/loss", self.val_loss_per_source)
+            if self.evaluation.max_generate_batches != 0:  # else nothing generated, on any rank
+                self._log_per_source("val/exact_match", self.val_accuracy_per_source)
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("hparams/val_loss", loss)
+
+    def _log_per_source(self, key: str, metric: SourceMeans) -> None:
+        # computed on every rank, whatever this rank's share held: the sums are added over the ranks, so every rank
+        # logs the same numbers
+        for name, value in metric.compute().items():
+            self.log(f"{key}/{name}", value)
+        metric.reset()
 
     # ---- optimisation --------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

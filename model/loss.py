@@ -14,9 +14,15 @@ backward), so a step keeps at most one chunk of logits:
 which is transformers' `ForCausalLMLoss` (fp32 logits, sum / num_items_in_batch, else the mean) on the same
 rows. Models whose head is not a plain linear map (Gemma-2's logit soft-capping, Cohere's and Granite's logit
 scaling) keep transformers' own path: `labelled_only` says which.
+
+Each batch row's summed token loss comes with the loss (`sample_losses` [B], no gradient; `sample_losses()` gives
+the same from transformers' full logits): validation reports a mixture's sources apart from it
+(lit_modules/vlm_module.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +44,15 @@ def labelled_only(llm: nn.Module) -> bool:
     return plain_head and hasattr(llm, "get_decoder") and isinstance(llm.get_output_embeddings(), nn.Module)
 
 
-def _head_loss_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+@dataclass
+class LabelledLMOutput(CausalLMOutputWithPast):
+    """transformers' causal LM output with `sample_losses` [B]: each row's summed token loss (fp32, no gradient)."""
+
+    sample_losses: torch.Tensor | None = None
+
+
+def _head_losses(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="none")  # [m]
 
 
 def labelled_lm_loss(
@@ -50,9 +63,10 @@ def labelled_lm_loss(
     num_items_in_batch: torch.Tensor | None = None,
     chunk: int = CHUNK,
     **decoder_kwargs,
-) -> CausalLMOutputWithPast:
+) -> LabelledLMOutput:
     """The loss of `llm` on `inputs_embeds` [B, T, D] with `labels` [B, T], its LM head run on the labelled
-    positions only; `logits` is None (generation and log-likelihoods call the model without labels).
+    positions only, and each row's summed token loss; `logits` is None (generation and log-likelihoods call the
+    model without labels).
 
     Args:
         llm: a transformers causal LM with a plain head (`labelled_only(llm)`).
@@ -67,15 +81,32 @@ def labelled_lm_loss(
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX  # [B, T-1]
     rows, targets = hidden[:, :-1][scored], targets[scored]  # [M, D], [M]
+    row_of = scored.nonzero()[:, 0]  # [M] the batch row each scored position is in
     head = llm.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
+    per_row = hidden.new_zeros(labels.shape[0], dtype=torch.float32)  # [B]
     recompute = rows.requires_grad and rows.shape[0] > chunk  # one chunk's logits kept at a time, not all of them
     for start in range(0, rows.shape[0], chunk):
         part = (head, rows[start : start + chunk], targets[start : start + chunk])
-        total = total + (checkpoint(_head_loss_sum, *part, use_reentrant=False) if recompute else _head_loss_sum(*part))
+        losses = checkpoint(_head_losses, *part, use_reentrant=False) if recompute else _head_losses(*part)  # [m]
+        total = total + losses.sum()
+        per_row.index_add_(0, row_of[start : start + chunk], losses.detach())
     if rows.shape[0] == 0:  # nothing scored (stand-ins for unreadable images): 0, with every weight in the graph
         total = total + 0.0 * head(hidden[:1, :1]).float().sum()  # (DDP expects a gradient for each one)
     divisor = num_items_in_batch if num_items_in_batch is not None else scored.sum()
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)
-    return CausalLMOutputWithPast(loss=total / divisor, logits=None)
+    return LabelledLMOutput(loss=total / divisor, logits=None, sample_losses=per_row)
+
+
+def sample_losses(output: CausalLMOutputWithPast, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed token loss [B] (fp32, no gradient) of a causal LM output on `labels` [B, T]: the one
+    `labelled_lm_loss` computed, else from the output's full logits [B, T, V] (transformers' own path), as
+    transformers' `ForCausalLMLoss` scores them (position t predicts token t + 1, fp32, -100 ignored). Rows are
+    samples where the batch is not packed."""
+    if getattr(output, "sample_losses", None) is not None:
+        return output.sample_losses
+    logits = output.logits[:, :-1].detach().float()  # [B, T-1, V]
+    targets = labels[:, 1:].to(logits.device)  # [B, T-1]
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum(1)  # [B]

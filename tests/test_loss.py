@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
-from model.loss import labelled_lm_loss, labelled_only
+from model.loss import labelled_lm_loss, labelled_only, sample_losses
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
 CONFIGS = {
@@ -56,6 +56,25 @@ def test_the_loss_and_its_gradients_equal_transformers(name, num_items, chunk):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-8, msg=key)
     torch.testing.assert_close(embeds.grad, expected_input, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk", [4096, 5])
+def test_each_rows_summed_loss_is_its_own_forward(chunk):
+    # validation per source sums these (lit_modules/source_metrics.py): row b's is transformers' loss of row b
+    # alone times its scored tokens, and transformers' full logits give the same (its own path's `sample_losses`)
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"], attn_implementation="eager").float()
+    ids, mask, labels = _batch()
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        ours = labelled_lm_loss(model, embeds, labels, mask, chunk=chunk)
+        full = sample_losses(model(inputs_embeds=embeds, attention_mask=mask, labels=labels), labels)
+        alone = [model(inputs_embeds=embeds[b : b + 1], attention_mask=mask[b : b + 1], labels=labels[b : b + 1]).loss
+                 * (labels[b, 1:] != -100).sum() for b in range(3)]  # fmt: skip
+    assert sample_losses(ours, labels) is ours.sample_losses and ours.sample_losses.shape == (3,)
+    torch.testing.assert_close(ours.sample_losses, torch.stack(alone), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full, torch.stack(alone), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.sample_losses.sum() / (labels[:, 1:] != -100).sum(), ours.loss)
 
 
 def test_packed_rows_score_like_transformers():

@@ -22,6 +22,7 @@ from experiment.config import ConfigError
 from experiment.runner import SIGTERM_EXIT
 from foundation.schema import DataConfig, SourceConfig
 from tests.support.events import scalars
+from tests.support.mixtures import split_sources
 from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
 
 N = 9
@@ -71,17 +72,8 @@ def test_a_mixture_sampler_resumes_mid_epoch_on_another_world_size():
     assert merged[: 23 - 8] == whole[8:]  # nothing repeated, nothing skipped
 
 
-def make_sources(shapes_root, tmp_path) -> list[str]:
-    records = json.load(open(os.path.join(shapes_root, "sft_train.json")))
-    paths = []
-    for k, part in enumerate((records[:12], records[12:20], records[20:27])):
-        paths.append(str(tmp_path / f"part{k}.json"))
-        json.dump(part, open(paths[-1], "w"))
-    return paths
-
-
 def test_a_datamodule_over_three_sources(tokenizer, shapes_root, tmp_path):
-    a, b, c = make_sources(shapes_root, tmp_path)
+    a, b, c = split_sources(shapes_root, tmp_path)
     sources = [
         SourceConfig(file=a, weight=1.0),
         SourceConfig(file=b, name="bee", repeat=0.5, system_prompt="Answer briefly."),
@@ -119,7 +111,7 @@ def test_a_datamodule_over_three_sources(tokenizer, shapes_root, tmp_path):
     ],
 )
 def test_invalid_sources_name_the_source(tiny_cfg, shapes_root, tmp_path, sources, needle):
-    a, b, _ = make_sources(shapes_root, tmp_path)
+    a, b, _ = split_sources(shapes_root, tmp_path)
     spec = sources.replace("file: A", f"file: {a}").replace("file: B", f"file: {b}")
     with pytest.raises(ConfigError, match=needle):
         tiny_cfg("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.sources={spec}")
@@ -138,7 +130,7 @@ COMMON = (
 
 @pytest.mark.slow  # three train.py processes
 def test_a_three_source_mixture_resumes_exactly_after_sigkill_and_sigterm(shapes_root, tmp_path):
-    a, b, c = make_sources(shapes_root, tmp_path)
+    a, b, c = split_sources(shapes_root, tmp_path)
     spec = f"[{{file: {a}, weight: 1}}, {{file: {b}, repeat: 0.5}}, {{file: {c}, num_samples: 10}}]"
     mixture = ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
                f"data.sources={spec}", *COMMON)  # fmt: skip

@@ -56,13 +56,29 @@ def progress_bar() -> L.Callback:
     return RichBar() if _RICH_AVAILABLE else TQDMBar()
 
 
+# A mixture's validation per source (lit_modules/source_metrics.py): `val/loss/<source>`, `val/exact_match/<source>`.
+PER_SOURCE = ("val/loss/", "val/exact_match/")
+
+
 def _fmt(metrics: dict, prefix: str) -> str:
-    keys = sorted(k for k in metrics if k.startswith(prefix))
+    keys = sorted(k for k in metrics if k.startswith(prefix) and not k.startswith(PER_SOURCE))
     return "  ".join(f"{k} {float(metrics[k]):.4g}" for k in keys)
 
 
+def _per_source(metrics: dict) -> list[str]:
+    """One line per metric reported by source: `  val/loss by source: a 2.31  b 2.05`."""
+    lines = []
+    for prefix in PER_SOURCE:
+        values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+        if values:
+            shown = "  ".join(f"{name} {v:.4g}" for name, v in values.items())
+            lines.append(f"  {prefix.rstrip('/')} by source: {shown}")
+    return lines
+
+
 class ConsoleReport(L.Callback):
-    """Prints `step N: val/loss ... val/exact_match ...` after each validation and the summary at the end."""
+    """Prints `step N: val/loss ... val/exact_match ...` after each validation (a mixture's sources on a line
+    each below it) and the summary at the end (the pooled metrics)."""
 
     def __init__(self) -> None:
         self.best: dict[str, float] = {}
@@ -76,7 +92,7 @@ class ConsoleReport(L.Callback):
         for k, v in metrics.items():
             better = max if "loss" not in k else min
             self.best[k] = better(self.best.get(k, v), v)
-        rank_zero_info(f"step {trainer.global_step}: {_fmt(metrics, 'val/')}")
+        rank_zero_info("\n".join([f"step {trainer.global_step}: {_fmt(metrics, 'val/')}", *_per_source(metrics)]))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         last = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/loss"))}

@@ -11,11 +11,12 @@ from lit_modules.callbacks.validation_samples import tensorboard
 # Metrics the HPARAMS tab shows beside each run; VLMModule logs them at every validation. Only their
 # names go into the hparams summary: no placeholder values are logged.
 HPARAM_METRICS = ("hparams/val_exact_match", "hparams/val_loss")
-# TensorBoard's custom-scalars dashboard: the curves a comparison needs, side by side.
+# TensorBoard's custom-scalars dashboard: the curves a comparison needs, side by side. Tags are regular expressions
+# matched at the start of a tag: `val/loss$` keeps a mixture's `val/loss/<source>` to a chart of their own.
 LAYOUT = {
-    "loss": {"train and validation loss": ["Multiline", ["train/loss", "val/loss"]]},
+    "loss": {"train and validation loss": ["Multiline", ["train/loss$", "val/loss$"]]},
     "evaluation": {
-        "held-out exact match": ["Multiline", ["val/exact_match"]],
+        "held-out exact match": ["Multiline", ["val/exact_match$"]],
         "benchmarks": ["Multiline", ["eval/.*"]],
     },
     "throughput": {
@@ -26,6 +27,18 @@ LAYOUT = {
     },
     "learning rate": {"per part": ["Multiline", ["lr/.*"]]},
 }
+# With validation per source (a mixture, lit_modules/source_metrics.py): each source's curve beside the pooled one.
+PER_SOURCE_LAYOUT = {
+    "loss": {"validation loss per source": ["Multiline", ["val/loss$", "val/loss/.*"]]},
+    "evaluation": {"held-out exact match per source": ["Multiline", ["val/exact_match$", "val/exact_match/.*"]]},
+}
+
+
+def layout(per_source: bool) -> dict:
+    """`LAYOUT`, with the `PER_SOURCE_LAYOUT` charts after their category's own when validation is per source."""
+    if not per_source:
+        return LAYOUT
+    return {category: {**charts, **PER_SOURCE_LAYOUT.get(category, {})} for category, charts in LAYOUT.items()}
 
 
 def comparison_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -60,7 +73,7 @@ def comparison_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict
 
 class RunSummary(L.Callback):
     """At fit start, on the TensorBoard logger: the module's parameter table as text `model/parameters`,
-    `comparison_hparams` with the names of `HPARAM_METRICS` in HPARAMS, the custom-scalars `LAYOUT`, and
+    `comparison_hparams` with the names of `HPARAM_METRICS` in HPARAMS, the custom-scalars `layout`, and
     the records the DataModule dropped when checking the data (`data.on_error=skip`) as
     `data/skipped_records`, by reason, and records with an id seen before as `data/duplicate_ids`."""
 
@@ -83,6 +96,6 @@ class RunSummary(L.Callback):
         names = [*HPARAM_METRICS, *(f"hparams/eval/{s['name']}" for s in sets)]  # lit_modules/benchmarks.py logs these
         for summary in hparams(comparison_hparams(trainer, pl_module), {name: 0.0 for name in names}):
             writer.add_summary(summary)  # the experiment and its metric names; values come from the scalars
-        tb.add_custom_scalars(LAYOUT)
+        tb.add_custom_scalars(layout(bool(getattr(pl_module, "val_sources", None))))
         if skipped:
             tb.add_text("data/skipped_records", "\n".join(f"- {k}: {v}" for k, v in skipped.items()), 0)
