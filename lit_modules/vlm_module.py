@@ -153,11 +153,12 @@ class VLMModule(L.LightningModule):
         outputs = [self.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
         # a sample whose image could not be read is not scored
         kept = [k for k, skipped in enumerate(batch["skipped"].tolist()) if not skipped]
-        if kept:
-            # the benchmarks' exact match (metrics/exact_match.py), so `val/exact_match` is the number they report
-            predictions, answers = [outputs[k] for k in kept], [batch["answers"][k] for k in kept]
-            accuracy = METRICS.build("exact_match", predictions, answers)["accuracy"]
-            self.val_accuracy.update(torch.tensor(accuracy, device=self.device), weight=len(kept))
+        # the benchmarks' exact match (metrics/exact_match.py), so `val/exact_match` is the number they report;
+        # updated on every generating batch, with weight 0 when nothing was scored, so every rank holds an update and
+        # joins the sum over ranks at epoch end (a rank that skipped would leave the others waiting for it)
+        predictions, answers = [outputs[k] for k in kept], [batch["answers"][k] for k in kept]
+        accuracy = METRICS.build("exact_match", predictions, answers)["accuracy"] if kept else 0.0
+        self.val_accuracy.update(torch.tensor(accuracy, device=self.device), weight=len(kept))
         if source is not None:  # every generating batch updates it on every rank, answers scored or not
             hits = [METRICS.build("exact_match", [outputs[k]], [batch["answers"][k]])["accuracy"] for k in kept]
             self.val_accuracy_per_source.update(source[kept], torch.tensor(hits), torch.ones(len(kept)))
@@ -171,10 +172,11 @@ class VLMModule(L.LightningModule):
         return torch.tensor([index[name] for name in batch["sources"]], device=self.device)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_accuracy.update_count:
+        if self.val_accuracy.update_count:  # the same on every rank: each generates on as many batches
             acc = self.val_accuracy.compute()
-            self.log("val/exact_match", acc)
-            self.log("hparams/val_exact_match", acc)
+            if torch.isfinite(acc):  # nan: no rank scored an answer (every image unreadable)
+                self.log("val/exact_match", acc)
+                self.log("hparams/val_exact_match", acc)
         self.val_accuracy.reset()
         if self.val_loss_per_source is not None:
             self._log_per_source("val/loss", self.val_loss_per_source)
