@@ -18,6 +18,7 @@ file if a count ever differs (datamodules/record_index.py), and tests/test_recor
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -27,6 +28,7 @@ from datamodules.templates import TEMPLATES, _added_bos, move_image_first, segme
 
 # Pre-tokenizers whose split of a text section does not depend on where the section starts.
 CACHE_WORDS = 1 << 21  # distinct words kept (about 200 MB at most); LLaVA-665K has far fewer
+CACHE_SECTIONS, SECTION_CHARS = 1 << 16, 256  # sections between added tokens kept whole: at most about 40 MB
 POSITION_FREE = {"Split", "Whitespace", "WhitespaceSplit", "Digits", "Punctuation", "BertPreTokenizer"}
 
 
@@ -45,7 +47,10 @@ class TokenCounter:
         self.template, self.system, self.image_first, self.image_token = template, system, image_first, image_token
         self.segments = TEMPLATES.get(template).segments
         self.bos = len(_added_bos(tokenizer)) if TEMPLATES.get(template).bos else 0
-        self.cache: dict[str, int] = {}
+        self.cache: dict[str, int] = {}  # word -> tokens
+        self.known: dict[str, int] = {}  # section -> tokens (known_first: a piece's first section)
+        self.known_first: dict[str, int] = {}
+        self.byte_map: dict[int, str] | None = None
         self.why_not = self._analyse(tokenizer)  # None: the fast path is open
 
     def _analyse(self, tokenizer) -> str | None:
@@ -84,6 +89,7 @@ class TokenCounter:
             # Llama-3 / Qwen2: the split regex run here (the `regex` module reads \p{L}), each new word mapped to
             # bytes by the backend; one backend call a word instead of one a text section.
             self.mode, self.split = "regex", regex.compile(split["pattern"]["Regex"])
+            self.byte_map = _byte_map()
             return None
         for part in parts:
             byte_level = part.get("type") == "ByteLevel" and not part.get("add_prefix_space")
@@ -104,54 +110,55 @@ class TokenCounter:
             return None
         segments = self.segments(messages, self.system)
         text, _, _, cuts = segment_layout(segments)
-        total, a = self.bos, 0
+        token, total, a = self.image_token, self.bos, 0
         while True:
-            k = text.find(self.image_token, a)
+            k = text.find(token, a)
             end = len(text) if k < 0 else k
-            n = self._piece(text, a, end, [c for c in cuts if a < c < end])
-            if n is None:
-                return None
-            total += n
+            if a < end:
+                n = self._piece(text[a:end], [c - a for c in cuts if a < c < end])
+                if n is None:
+                    return None
+                total += n
             if k < 0:
                 return total
             total += 1  # the placeholder, one id before expansion
-            a = k + len(self.image_token)
+            a = k + len(token)
 
-    def _piece(self, text: str, a: int, b: int, cuts: list[int]) -> int | None:
-        if a == b:
-            return 0
-        piece = text[a:b]
+    def _piece(self, piece: str, cuts: list[int]) -> int | None:
+        """Tokens of one placeholder-free piece: its added tokens one id each, each section between them counted
+        on its own (the backend splits added tokens out first). `cuts` (offsets in the piece) must each fall where
+        a word starts: no token crosses them."""
         sections = self.added.split(piece) if self.added else [piece]
-        n, start, spans = 0, 0, []
-        for k, section in enumerate(sections):
-            if k % 2:  # an added token: one id
-                n += 1
-            elif section:
-                counted = self._section(section, start)
+        n, start = len(sections) // 2, 0  # odd items are the added tokens: one id each
+        for k in range(0, len(sections), 2):
+            section = sections[k]
+            if section:
+                end = start + len(section)
+                inner = [c - start for c in cuts if start < c < end] if cuts else None
+                # The template's own sections (role headers, the default system prompt) and short answers recur:
+                # counted once. A Metaspace prefix depends on the section being the piece's first.
+                known = self.known_first if start == 0 else self.known
+                counted = None if inner else known.get(section)
                 if counted is None:
-                    return None
+                    counted = self._section(section, start, inner)
+                    if counted is None:
+                        return None
+                    if not inner and len(section) <= SECTION_CHARS:
+                        if len(known) > CACHE_SECTIONS:
+                            known.clear()
+                        known[section] = counted
                 n += counted
-                spans.append((start, start + len(section)))
-            start += len(section)
-        for c in cuts:  # each must fall where a word starts: no token crosses it
-            c -= a
-            inside = next(((s, e) for s, e in spans if s < c < e), None)
-            if inside is not None and not self._word_starts_at(piece, inside, c):
-                return None
+                start = end
+            if k + 1 < len(sections):
+                start += len(sections[k + 1])
         return n
 
-    def _word_starts_at(self, piece: str, section: tuple[int, int], c: int) -> bool:
-        if self.mode == "metaspace":
-            return piece[c] == " " and piece[c - 1] != " "
-        s, e = section
-        if self.mode == "regex":
-            return any(s + m.start() == c for m in self.split.finditer(piece[s:e]))
-        return any(s + start == c for _, (start, _) in self.backend.pre_tokenizer.pre_tokenize_str(piece[s:e]))
-
-    def _section(self, section: str, start: int) -> int | None:
+    def _section(self, section: str, start: int, cuts: list[int] | None) -> int | None:
         if self.normalizer is not None and self.normalizer.normalize_str(section) != section:
             return None  # the normaliser moves characters: word offsets would not be the text's
         if self.mode == "metaspace":
+            if cuts and not all(section[c] == " " and section[c - 1] != " " for c in cuts):
+                return None  # a word starts at a space after a non-space ("▁*[^▁]+")
             spaced = section.replace(" ", self.space)
             # The backend's Metaspace adds the prefix only where the text does not start with a space already.
             prefix = (self.prepend == "always" or (self.prepend == "first" and start == 0)) and spaced[0] != self.space
@@ -160,8 +167,13 @@ class TokenCounter:
             words = self.split.findall(section)
             if sum(map(len, words)) != len(section):  # text the pattern leaves out: the backend would keep it
                 return None
+            if cuts and not set(cuts) <= set(itertools.accumulate(map(len, words))):
+                return None
         else:
-            words = [word for word, _ in self.backend.pre_tokenizer.pre_tokenize_str(section)]
+            split = self.backend.pre_tokenizer.pre_tokenize_str(section)
+            if cuts and not set(cuts) <= {s for _, (s, _) in split}:
+                return None
+            words = [word for word, _ in split]
         cache = self.cache
         try:
             return sum(map(cache.__getitem__, words))
@@ -176,7 +188,26 @@ class TokenCounter:
     def _tokens(self, word: str) -> int:
         if self.mode != "regex":
             return len(self.model.tokenize(word))
+        if self.byte_map is not None and word.isascii():
+            # ByteLevel's mapping as one str.translate (each UTF-8 byte a character: latin-1 maps them 1:1); the
+            # `regex` module and the backend's Oniguruma split ASCII text alike (tests/test_record_index.py).
+            return len(self.model.tokenize(word.encode().decode("latin-1").translate(self.byte_map)))
         return sum(len(self.model.tokenize(w)) for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(word))
+
+
+def _byte_map() -> dict[int, str] | None:
+    """ByteLevel's byte -> character map as a `str.translate` table over latin-1 text, or None where the
+    backend's own ByteLevel maps otherwise. GPT-2's scheme: the printable bytes ("!".."~", "¡".."¬", "®".."ÿ")
+    stand for themselves, every other byte, in order, for chr(256 + k)."""
+    from tokenizers import pre_tokenizers
+
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in kept]
+    table = {b: chr(b) for b in kept} | {b: chr(256 + k) for k, b in enumerate(others)}
+    probe = "".join(map(chr, range(256))) + "\u00e9\u65e5\u2581\U0001f600"
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    theirs = "".join(w for w, _ in byte_level.pre_tokenize_str(probe))
+    return table if probe.encode().decode("latin-1").translate(table) == theirs else None
 
 
 def _trie(words: list[str]) -> str:
