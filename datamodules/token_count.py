@@ -51,6 +51,7 @@ class TokenCounter:
         self.known: dict[str, int] = {}  # section -> tokens (known_first: a piece's first section)
         self.known_first: dict[str, int] = {}
         self.byte_map: dict[int, str] | None = None
+        self.whole = False
         self.why_not = self._analyse(tokenizer)  # None: the fast path is open
 
     def _analyse(self, tokenizer) -> str | None:
@@ -59,16 +60,19 @@ class TokenCounter:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             return f"{type(tokenizer).__name__} has no `tokenizers` backend"
-        spec = json.loads(backend.to_str())
-        added = spec.get("added_tokens") or []
-        if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+        # The parts read one by one: the whole tokenizer's JSON (`to_str`, Llama-3's 9 MB) cost 0.7 s a process.
+        added = list(backend.get_added_tokens_decoder().values())
+        if any(t.lstrip or t.rstrip or t.single_word for t in added):
             return "an added token strips whitespace or matches single words only"
         self.backend, self.model, self.normalizer = backend, backend.model, backend.normalizer
-        contents = sorted({t["content"] for t in added}, key=len, reverse=True)  # longest match first, as the backend
+        contents = sorted({t.content for t in added}, key=len, reverse=True)  # longest match first, as the backend
         self.added = re.compile("(" + _trie(contents) + ")") if contents else None
-        pre = spec.get("pre_tokenizer") or {}
+        # Where no word depends on its place (not Metaspace, whose prefix goes on a piece's first word), a record's
+        # text is one piece: the placeholder an added token like the others, which no other one overlaps.
+        whole = self.image_token in contents and not any(_overlap(t, self.image_token) for t in contents)
+        pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
         kind = pre.get("type")
-        if kind == "Metaspace" and not pre.get("split", True) and spec["model"]["type"] in ("BPE", "Unigram"):
+        if kind == "Metaspace" and not pre.get("split", True) and type(backend.model).__name__ in ("BPE", "Unigram"):
             space = pre["replacement"]
             inner = re.compile(f"[^{re.escape(space)}]{re.escape(space)}")
             if any(inner.search(piece) for piece in backend.get_vocab()):
@@ -89,7 +93,7 @@ class TokenCounter:
             # Llama-3 / Qwen2: the split regex run here (the `regex` module reads \p{L}), each new word mapped to
             # bytes by the backend; one backend call a word instead of one a text section.
             self.mode, self.split = "regex", regex.compile(split["pattern"]["Regex"])
-            self.byte_map = _byte_map()
+            self.byte_map, self.whole = _byte_map(), whole
             return None
         for part in parts:
             byte_level = part.get("type") == "ByteLevel" and not part.get("add_prefix_space")
@@ -97,7 +101,7 @@ class TokenCounter:
                 return f"pre-tokenizer {part.get('type')!r} is not one whose words are position-free"
         if not parts or not parts[0]:
             return "no pre-tokenizer and no Metaspace: a token may span any two words"
-        self.mode = "pretokens"
+        self.mode, self.whole = "pretokens", whole
         return None
 
     def count(self, conversations: list[dict]) -> int | None:
@@ -110,6 +114,9 @@ class TokenCounter:
             return None
         segments = self.segments(messages, self.system)
         text, _, _, cuts = segment_layout(segments)
+        if self.whole:  # the placeholder is an added token: one id, and the text around it split there anyway
+            n = self._piece(text, cuts)
+            return None if n is None else self.bos + n
         token, total, a = self.image_token, self.bos, 0
         while True:
             k = text.find(token, a)
@@ -126,27 +133,33 @@ class TokenCounter:
 
     def _piece(self, piece: str, cuts: list[int]) -> int | None:
         """Tokens of one placeholder-free piece: its added tokens one id each, each section between them counted
-        on its own (the backend splits added tokens out first). `cuts` (offsets in the piece) must each fall where
-        a word starts: no token crosses them."""
+        on its own (the backend splits added tokens out first). `cuts` (offsets in the piece, in order) must each
+        fall where a word starts: no token crosses them."""
         sections = self.added.split(piece) if self.added else [piece]
-        n, start = len(sections) // 2, 0  # odd items are the added tokens: one id each
+        n, start, j = len(sections) // 2, 0, 0  # odd items are the added tokens: one id each
         for k in range(0, len(sections), 2):
             section = sections[k]
             if section:
                 end = start + len(section)
-                inner = [c - start for c in cuts if start < c < end] if cuts else None
-                # The template's own sections (role headers, the default system prompt) and short answers recur:
-                # counted once. A Metaspace prefix depends on the section being the piece's first.
-                known = self.known_first if start == 0 else self.known
-                counted = None if inner else known.get(section)
-                if counted is None:
-                    counted = self._section(section, start, inner)
+                while j < len(cuts) and cuts[j] <= start:
+                    j += 1
+                if j < len(cuts) and cuts[j] < end:  # cut inside: each one must start a word
+                    counted = self._section(section, start, [c - start for c in cuts[j:] if c < end])
                     if counted is None:
                         return None
-                    if not inner and len(section) <= SECTION_CHARS:
-                        if len(known) > CACHE_SECTIONS:
-                            known.clear()
-                        known[section] = counted
+                else:
+                    # The template's own sections (role headers, the default system prompt) and short answers
+                    # recur: counted once. A Metaspace prefix depends on the section being the piece's first.
+                    known = self.known_first if start == 0 else self.known
+                    counted = known.get(section)
+                    if counted is None:
+                        counted = self._section(section, start, None)
+                        if counted is None:
+                            return None
+                        if len(section) <= SECTION_CHARS:
+                            if len(known) > CACHE_SECTIONS:
+                                known.clear()
+                            known[section] = counted
                 n += counted
                 start = end
             if k + 1 < len(sections):
@@ -193,6 +206,14 @@ class TokenCounter:
             # `regex` module and the backend's Oniguruma split ASCII text alike (tests/test_record_index.py).
             return len(self.model.tokenize(word.encode().decode("latin-1").translate(self.byte_map)))
         return sum(len(self.model.tokenize(w)) for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(word))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether added tokens `a` and `b` differ and could match overlapping text (one inside the other, or an end
+    of one the start of the other)."""
+    if a == b:
+        return False
+    return a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
 
 
 def _byte_map() -> dict[int, str] | None:
