@@ -45,7 +45,7 @@ class TokenCounter:
 
     def __init__(self, tokenizer, template: str, system: str | None, image_first: bool, image_token: str) -> None:
         self.template, self.system, self.image_first, self.image_token = template, system, image_first, image_token
-        self.segments = TEMPLATES.get(template).segments
+        self.segments, self.placement = TEMPLATES.get(template).segments, TEMPLATES.get(template).placement
         self.bos = len(_added_bos(tokenizer)) if TEMPLATES.get(template).bos else 0
         self.cache: dict[str, int] = {}  # word -> tokens
         # section (with the cuts inside it, if any) -> tokens; known_first: a piece's first section
@@ -111,8 +111,8 @@ class TokenCounter:
         """Tokens of the record's ids before image expansion, or None (encode it in full). Raises
         `TemplateError` as `encode` does for a conversation the template cannot take."""
         messages = to_messages(conversations, self.template)
-        if self.image_first:
-            messages = move_image_first(messages, self.image_token)
+        if self.image_first:  # by the template's rule, as `encode` places it (LLaVA-NeXT's keeps the whitespace)
+            messages = move_image_first(messages, self.image_token, self.placement)
         if self.why_not is not None:
             return None
         segments = self.segments(messages, self.system)
