@@ -4,7 +4,8 @@ Each process reads its chunk's bytes in one read, parses each record from its ow
 checks (`llava_data.check_record`) and counts its tokens: from cached word counts where that is exact
 (datamodules/token_count.py), else by encoding it in full. The first 256 records of the file and every 1,000th
 are encoded in full as well; should a count ever differ, the whole file is counted again by full encoding.
-The pool forks (the tokenizer is inherited, not pickled and imported again), and a worker dies with its parent.
+The pool forks (the tokenizer and the token counter, analysed once in the parent, are inherited, not pickled and
+built again), and a worker dies with its parent.
 """
 
 from __future__ import annotations

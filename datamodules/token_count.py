@@ -8,12 +8,19 @@ piece is also the sum of the counts of its words, wherever no token can span two
 - LLaMA / Vicuna's SentencePiece BPE (Metaspace without a split) has no token with "▁" after another character
   (checked on the vocabulary), so no merge crosses a space: the words are the runs "▁*[^▁]+".
 Each distinct word is tokenised once and its count cached; LLaVA data repeats its words, so most are look-ups.
+The text between two added tokens (a section: the backend splits added tokens out first and the rest section by
+section) is counted once too while short, so the template's own (Llama-3's role headers, its default system
+prompt) and recurring short answers cost one look-up. With a position-free split and the placeholder an added
+token, a record's text is one piece. Llama-3's split runs in the standard `re` on ASCII sections (checked equal to
+the `regex` module's at start), and its byte-level map is one `str.translate`. On the benchmark's Llama-3 records
+(bench/bench_data_scale.py) this counts at about Vicuna's speed; tokenising in batches with the backend
+(`encode_batch`, Rust, its own threads) was measured at half the speed of the cached words, so it is not used.
 
 Where a piece would be cut between a prompt and an answer inside a word (`templates._tokenize` then tokenises
 both sides on their own) the count is not attempted: `count` returns None and the caller encodes the record in
 full. The index build also encodes a sample of records in full and falls back to full encoding for the whole
-file if a count ever differs (datamodules/record_index.py), and tests/test_record_index.py compares counts with
-`encode` on the real LLaMA, Llama-3 and Qwen2 tokenizers.
+file if a count ever differs (datamodules/record_index.py), and tests/test_record_index.py and
+tests/test_token_count.py compare counts with `encode` on the real LLaMA, Llama-3 and Qwen2 tokenizers.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import regex
 
 from datamodules.templates import TEMPLATES, _added_bos, move_image_first, segment_layout, to_messages
 
-# Pre-tokenizers whose split of a text section does not depend on where the section starts.
 CACHE_WORDS = 1 << 21  # distinct words kept (about 200 MB at most); LLaVA-665K has far fewer
-CACHE_SECTIONS, SECTION_CHARS = 1 << 16, 256  # sections between added tokens kept whole: at most about 40 MB
+CACHE_SECTIONS, SECTION_CHARS = 1 << 16, 256  # sections between added tokens kept whole: about 40 MB a dict at most
+# Pre-tokenizers whose split of a text section does not depend on where the section starts.
 POSITION_FREE = {"Split", "Whitespace", "WhitespaceSplit", "Digits", "Punctuation", "BertPreTokenizer"}
 
 
