@@ -48,15 +48,15 @@ def test_byte_level_counts_equal_full_encoding(real_tokenizer, name, template):
     counter = TokenCounter(tok, template, None, True, "<image>")
     assert counter.why_not is None and counter.whole  # one piece a record: "<image>" is an added token
     assert counter.ascii_split is not None and counter.byte_map is not None
-    records = [conversation(rng) for _ in range(70)]
+    records = [conversation(rng) for _ in range(50)]
     counted = 0
-    for turns in records + records[:20]:  # again: from the word and section caches
+    for turns in records + records[:15]:  # again: from the word and section caches
         n = counter.count(turns)
         if n is not None:
             assert n == len(encode(tok, turns, template, None, True).input_ids), turns
             counted += 1
     # None: a cut inside a word (an answer whose first characters join the prompt's last word), encoded in full
-    assert counted > 55
+    assert counted > 35
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
