@@ -214,7 +214,7 @@ class TokenCounter:
             return len(self.model.tokenize(word))
         if self.byte_map is not None and word.isascii():
             # ByteLevel's mapping as one str.translate (each UTF-8 byte a character: latin-1 maps them 1:1); the
-            # `regex` module and the backend's Oniguruma split ASCII text alike (tests/test_record_index.py).
+            # `regex` module and the backend's Oniguruma split ASCII text alike (tests/test_token_count.py).
             return len(self.model.tokenize(word.encode().decode("latin-1").translate(self.byte_map)))
         return sum(len(self.model.tokenize(w)) for w, _ in self.backend.pre_tokenizer.pre_tokenize_str(word))
 

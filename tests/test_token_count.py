@@ -2,7 +2,8 @@
 and Qwen2's): its counts equal the length of `templates.encode`'s ids, the tokenisation training uses, on text
 that reaches every branch of their split pattern (contractions, digit runs, punctuation and whitespace runs, tabs,
 carriage returns, non-ASCII letters and emoji, the template's own markers typed in the text), the same count again
-from its caches; and its ASCII split in the standard `re` splits as the `regex` module's pattern does."""
+from its caches; and its ASCII split in the standard `re` splits as the `regex` module's pattern and the backend's
+own pre-tokenizer do."""
 
 from __future__ import annotations
 
@@ -60,10 +61,15 @@ def test_byte_level_counts_equal_full_encoding(real_tokenizer, name, template):
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])
-def test_the_ascii_split_is_the_patterns_split(real_tokenizer, name):
-    counter = TokenCounter(real_tokenizer(name), "chatml", None, True, "<image>")
+def test_the_ascii_split_is_the_patterns_split_and_the_backends(real_tokenizer, name):
+    tok = real_tokenizer(name)
+    counter = TokenCounter(tok, "chatml", None, True, "<image>")
     rng = random.Random(3)
     alphabet = [chr(c) for c in range(128)] + list("    aaeeoosstt'''\n\n\r11..") + ["'s", "'LL", "\r\n"]
     for _ in range(3000):
         s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-        assert counter.ascii_split.findall(s) == counter.split.findall(s), repr(s)
+        words = counter.ascii_split.findall(s)
+        assert words == counter.split.findall(s), repr(s)
+        # the backend's own split (Oniguruma) and byte-level map give these words, mapped by the counter's table
+        theirs = [w for w, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(s)]
+        assert [w.encode().decode("latin-1").translate(counter.byte_map) for w in words] == theirs, repr(s)
