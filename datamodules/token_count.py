@@ -146,34 +146,34 @@ class TokenCounter:
         on its own (the backend splits added tokens out first). `cuts` (offsets in the piece, in order) must each
         fall where a word starts: no token crosses them."""
         sections = self.added.split(piece) if self.added else [piece]
-        n, start, j = len(sections) // 2, 0, 0  # odd items are the added tokens: one id each
+        ends = list(itertools.accumulate(map(len, sections)))  # odd items are the added tokens: one id each
+        n, j, m, known, known_first = len(sections) // 2, 0, len(cuts), self.known, self.known_first
         for k in range(0, len(sections), 2):
             section = sections[k]
-            if section:
-                end = start + len(section)
-                while j < len(cuts) and cuts[j] <= start:
-                    j += 1
-                if j < len(cuts) and cuts[j] < end:  # cuts inside: each must fall where a word starts
-                    inner = tuple(c - start for c in cuts[j:] if c < end)
-                    key = (section, inner)
-                else:
-                    inner, key = (), section
-                # The template's own sections (role headers, the default system prompt) and short answers recur:
-                # counted once. A Metaspace prefix depends on the section being the piece's first.
-                known = self.known_first if start == 0 else self.known
-                counted = known.get(key)
+            if not section:
+                continue
+            end = ends[k]
+            start = end - len(section)
+            while j < m and cuts[j] <= start:
+                j += 1
+            if j < m and cuts[j] < end:  # cuts inside: each must fall where a word starts
+                inner = tuple(c - start for c in cuts[j:] if c < end)
+                key = (section, inner)
+            else:
+                inner, key = (), section
+            # The template's own sections (role headers, the default system prompt) and short answers recur: counted
+            # once. A Metaspace prefix depends on the section being the piece's first.
+            cache = known_first if start == 0 else known
+            counted = cache.get(key)
+            if counted is None:
+                counted = self._section(section, start, inner)
                 if counted is None:
-                    counted = self._section(section, start, inner)
-                    if counted is None:
-                        return None
-                    if len(section) <= SECTION_CHARS:
-                        if len(known) > CACHE_SECTIONS:
-                            known.clear()
-                        known[key] = counted
-                n += counted
-                start = end
-            if k + 1 < len(sections):
-                start += len(sections[k + 1])
+                    return None
+                if len(section) <= SECTION_CHARS:
+                    if len(cache) > CACHE_SECTIONS:
+                        cache.clear()
+                    cache[key] = counted
+            n += counted
         return n
 
     def _section(self, section: str, start: int, cuts: tuple[int, ...]) -> int | None:
