@@ -4,7 +4,8 @@ Each process reads its chunk's bytes in one read, parses each record from its ow
 checks (`llava_data.check_record`) and counts its tokens: from cached word counts where that is exact
 (datamodules/token_count.py), else by encoding it in full. The first 256 records of the file and every 1,000th
 are encoded in full as well; should a count ever differ, the whole file is counted again by full encoding.
-The pool forks (the tokenizer is inherited, not pickled and imported again), and a worker dies with its parent.
+The pool forks (the tokenizer and the token counter, analysed once in the parent, are inherited, not pickled and
+built again), and a worker dies with its parent.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Job:
     tokenizer: object
     image_tokens: object = None  # image_tokens.ImageTokens, or None: settings.num_image_tokens per image
     fast: bool = True
+    counter: TokenCounter | None = None  # analysed once, in the parent: the forked workers share it
 
 
 _JOB: Job | None = None
@@ -50,7 +52,7 @@ _COUNTER: TokenCounter | None = None
 
 def _init_worker(job: Job) -> None:
     global _JOB, _COUNTER
-    _JOB, _COUNTER = job, None
+    _JOB, _COUNTER = job, job.counter
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool
     if sys.platform == "linux":  # die with the parent (a SIGKILLed build must not leave workers waiting forever)
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
@@ -142,20 +144,20 @@ def _run(job: Job, workers: int) -> list[dict]:
 
 def _init_local(job: Job) -> None:
     global _JOB, _COUNTER
-    if _JOB is None or _JOB.tokenizer is not job.tokenizer or _JOB.settings != job.settings:
-        _COUNTER = None
-    _JOB = job
+    _JOB, _COUNTER = job, job.counter
 
 
 def build_arrays(path: str, spans: Spans, settings, tokenizer, workers: int, image_tokens=None) -> tuple[dict, dict]:
     """The index arrays of `path` (ARRAYS, one value per record) and its meta: refused records, how tokens
     were counted. DataError for a file that is not UTF-8 or holds a record that is not JSON."""
-    job = Job(path, spans, settings, tokenizer, image_tokens)
+    s = settings
+    counter = TokenCounter(tokenizer, s.template, s.system_prompt, s.image_first, s.image_token)
+    job = Job(path, spans, settings, tokenizer, image_tokens, counter=counter)
     results = _run(job, workers)
     fatal = next((r["fatal"] for r in results if r["fatal"]), None)
     if fatal:
         raise DataError(fatal)
-    why_not = TokenCounter(tokenizer, settings.template, None, True, settings.image_token).why_not
+    why_not = counter.why_not
     counting = f"exact, every record encoded ({why_not})" if why_not else "fast (cached word counts)"
     if any(r["mismatch"] for r in results):
         job.fast = False

@@ -2,7 +2,7 @@
 the file's records and image bytes as stored; a shards source gives the same tokens, labels and pixels as the JSON
 file it was written from, in the same batches; it joins a weighted mixture and a run resumes from a checkpoint
 exactly; bad records are skipped, counted and capped; a truncated or corrupt shard is a clear error or a counted
-skip."""
+skip; a mixture with a shards source killed (SIGKILL, 2 workers) and stopped (SIGTERM) resumes exactly."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -19,9 +20,11 @@ from datamodules.bad_records import BadRecordCap
 from datamodules.llava_data import DataError
 from encoders.preprocess import ResizeCrop
 from experiment.config import ConfigError
+from experiment.runner import SIGTERM_EXIT
 from foundation.errors import run_command
 from foundation.schema import DataConfig, SourceConfig
 from tests.support.events import scalars
+from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
 from tests.support.runs import LossRecorder, fit
 from tools.write_shards import main as write_shards_main
 from tools.write_shards import write_shards
@@ -261,3 +264,49 @@ def test_a_run_above_the_cap_stops_naming_the_source_and_the_record(tiny_cfg, sh
     # 0.05 of 11 samples: none allowed, so the first bad record the run meets stops it
     with pytest.raises(DataError, match=r"source 'web' \(.*bad_shards\): record '[a-z-]+' \(shard item \d+\): .*1 bad"):
         fit(cfg)
+
+
+@pytest.mark.slow  # three train.py processes beside a reference run (20-40 s on 2 shared cores)
+def test_a_mixture_with_shards_resumes_exactly_after_sigkill_and_sigterm(shapes_root, tmp_path):
+    # As test_mixtures.py's three-source test, with a shards source (11 records, 3 bad) beside a JSON file: the
+    # shards are read by DataLoader worker processes, each with its own litdata stream, and the bad records' counts
+    # go on from the checkpoint's.
+    bad_shards = str(tmp_path / "bad_shards")
+    write_shards(write_bad_file(shapes_root, tmp_path), bad_shards, str(tmp_path), workers=1)
+    part = str(tmp_path / "part.json")
+    json.dump(json.load(open(os.path.join(shapes_root, "sft_train.json")))[:10], open(part, "w"))
+    spec = f"[{{shards: {bad_shards}, name: web, weight: 1}}, {{file: {part}, name: local, weight: 1}}]"
+    mixture = ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
+               f"data.sources={spec}", "data.batch_size=4", "data.max_bad_fraction=0.5", "trainer.max_steps=12",
+               "trainer.max_epochs=3", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
+               "optim.lr=0.01")  # fmt: skip
+    root, cwd = str(tmp_path / "runs"), str(tmp_path)
+    run_dir = os.path.join(root, "quickstart", "cut")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    reference = start_training(train_cli_args(shapes_root, str(tmp_path / "ref"), *mixture, "logging.run_name=f"), cwd)
+    args = lambda *extra: train_cli_args(shapes_root, root, *mixture, "logging.run_name=cut", *extra)  # noqa: E731
+    # 11 + 10 = 21 samples an epoch in batches of 4: 6 steps. SIGKILL after step 3 (2 workers), SIGTERM in epoch 1.
+    proc = start_training(args("data.num_workers=2", "checkpoint.every_n_train_steps=3"), cwd)
+    assert kill_after_checkpoint(proc, last) == 3
+    proc = start_training(args("resume=auto", "data.num_workers=2", "checkpoint.every_n_train_steps=8"), cwd)
+    assert kill_after_checkpoint(proc, last, sig=signal.SIGTERM) >= 6  # epoch 0's end saves too (step 6)
+    assert proc.returncode == SIGTERM_EXIT
+    done = start_training(args("resume=auto"), cwd)
+    for p in (reference, done):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    ref_dir = os.path.join(tmp_path, "ref", "quickstart", "f")
+    full, resumed = scalars(ref_dir, "train/loss"), scalars(run_dir, "train/loss")
+    assert sorted(full) == list(range(12)) and set(range(3, 12)) <= set(resumed)
+    for step in range(3, 12):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, full, resumed)
+    # Samples per source before each step's batch: 1:1 of 21 samples is 11 (ties to the first source) and 10;
+    # step 6 starts epoch 1, so step 11 has epoch 0 whole and 5 batches of 4 of epoch 1 behind it.
+    seen = {name: scalars(run_dir, f"data/samples/{name}") for name in ("web", "local")}
+    assert {s: seen["web"][s] + seen["local"][s] for s in (6, 11)} == {6: 21, 11: 21 + 20}
+    assert [seen[n][6] for n in ("web", "local")] == [11, 10]
+    ref_seen = {name: scalars(ref_dir, f"data/samples/{name}") for name in ("web", "local")}
+    assert all(seen[n][s] == ref_seen[n][s] for n in seen for s in range(3, 12))
+    # every epoch meets the three bad records: the resumed run's count goes on from its checkpoints' to the same end
+    full_bad, resumed_bad = (scalars(d, "data/bad_records/web") for d in (ref_dir, run_dir))
+    assert max(full_bad.values()) >= 3 and max(resumed_bad.values()) == max(full_bad.values())
