@@ -22,10 +22,11 @@ the given vocabulary. On the same weights and the same batches:
 
 Batches are LLaVA-shaped: each sample holds 64 image tokens, a --prompt-token question and a --answer-token
 answer, labels on the answer only (about 10% of positions at the defaults). Each way runs in a fresh process,
-so its peak RSS (ru_maxrss) is its own. Printed per way: median step time after --warmup steps; RSS before the
-first step (libraries + weights); RSS between steps (what a step leaves: + AdamW's states, + the allocator's free
-memory); peak RSS and the phase of the step that first reached it (forward, backward, optimizer.step); the loss
-of the first step (equal: the same computation, up to float rounding).
+so its peak RSS (ru_maxrss) is its own. Printed per way: median step time after --warmup steps, wall and CPU
+(the process's CPU time over all threads: on a shared machine, less sensitive to other jobs than wall time);
+RSS before the first step (libraries + weights); RSS between steps (what a step leaves: + AdamW's states, + the
+allocator's free memory); peak RSS and the phase of the step that first reached it (forward, backward,
+optimizer.step); the loss of the first step (equal: the same computation, up to float rounding).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def measure(args) -> dict:
     else:
         optimizer = project_optimizer(model, set(args.options_of_way), steps)
     before = _rss_gib()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     peak, phase = _peak_gib(), "build"
 
     def reached(where: str) -> None:  # the phase that first reached the peak
@@ -133,7 +134,7 @@ def measure(args) -> dict:
             peak, phase = _peak_gib(), where
 
     for ids, mask, pixels, labels in batches(args, image_token, steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(ids, mask, pixels, labels, full_logits=args.way == "transformers").loss
         reached("forward")
         loss.backward()  # with optim.in_backward, every parameter steps in here
@@ -142,11 +143,13 @@ def measure(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         reached("optimizer.step")
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         losses.append(float(loss))
     scored = args.answer - 1  # labels are shifted by one: the first answer token is predicted by the prompt
     return {
         "way": args.way if args.way == "transformers" else "+".join(["labelled", *args.options_of_way]),
         "step_s": statistics.median(times[args.warmup :]),
+        "cpu_s": statistics.median(cpu[args.warmup :]),
         "before_gib": before,
         "between_gib": _rss_gib(),
         "peak_rss_gib": peak,
@@ -204,15 +207,18 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"{'way':<27}{'step (s)':>9}{'x loop':>8}{'RSS before':>12}{'between':>9}{'peak RSS':>10}{'x loop':>8}"
+        f"{'way':<27}{'step (s)':>9}{'x loop':>8}{'CPU (s)':>8}{'x loop':>8}"
+        f"{'RSS before':>12}{'between':>9}{'peak RSS':>10}{'x loop':>8}"
         f"  {'peak in':<15}{'first loss':>10}"
     )
     for r in results:
         print(
-            f"{r['way']:<27}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>8.2f}{r['before_gib']:>12.2f}"
+            f"{r['way']:<27}{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>8.2f}{r['cpu_s']:>8.2f}"
+            f"{r['cpu_s'] / base['cpu_s']:>8.2f}{r['before_gib']:>12.2f}"
             f"{r['between_gib']:>9.2f}{r['peak_rss_gib']:>10.2f}{r['peak_rss_gib'] / base['peak_rss_gib']:>8.2f}"
             f"  {r['peak_phase']:<15}{r['first_loss']:>10.5f}"
         )
+    print("step: median wall time; CPU: median process CPU time of a step, all threads (steadier on a shared machine)")
     print("RSS in GiB: before the first step, between steps (after the last), peak (ru_maxrss)")
 
 
