@@ -145,8 +145,9 @@ def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
     devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
     if name not in (None, "auto", "single_device") or _several(devices) or nodes != 1:
         raise ConfigError(
-            f"{key} runs on one device only (trainer.strategy = {name}, devices = {devices}, num_nodes = {nodes}): "
-            f"DDP, FSDP and DeepSpeed reduce gradients after the in-backward steps; set trainer.devices: 1"
+            f"{key} runs on one device only (trainer.strategy = {name or 'auto'}, devices = {devices}, "
+            f"num_nodes = {nodes}): DDP, FSDP and DeepSpeed reduce gradients after the in-backward steps; set "
+            f"trainer.devices: 1"
         )
     precision = str(trainer.get("precision", "32-true"))
     if precision in ("16", "16-mixed"):
