@@ -4,6 +4,7 @@ options for the optimizer) against a plain transformers loop.
     python bench/bench_step_cost.py                       # Llama-3's 128,256-token vocabulary, CPU, 2 threads
     python bench/bench_step_cost.py --vocab 32002 --hidden 1024 --layers 8 --steps 8
     python bench/bench_step_cost.py --options fused,in_backward   # the project's way with these options only
+    python bench/bench_step_cost.py --interleave --options fused,in_backward   # step times under the same load
 
 One training step = forward, backward and an AdamW step of a VisionLanguageModel: a CLIP tower from config
 (64 px, patch 8: 64 image tokens, frozen as in SFT), the mlp2x_gelu projector, and a Llama LM from config with
@@ -26,7 +27,9 @@ so its peak RSS (ru_maxrss) is its own. Printed per way: median step time after 
 (the process's CPU time over all threads: on a shared machine, less sensitive to other jobs than wall time);
 RSS before the first step (libraries + weights); RSS between steps (what a step leaves: + AdamW's states, + the
 allocator's free memory); peak RSS and the phase of the step that first reached it (forward, backward,
-optimizer.step); the loss of the first step (equal: the same computation, up to float rounding).
+optimizer.step); the loss of the first step (equal: the same computation, up to float rounding). With
+--interleave, step times only, the ways' steps taken in turn in one process (on a shared machine the load then
+falls on all of them alike).
 """
 
 from __future__ import annotations
@@ -159,6 +162,43 @@ def measure(args) -> dict:
     }
 
 
+def interleaved(args) -> None:
+    """Step times only: the loop and each --options way in this one process, their steps taken in turn, so that
+    on a shared machine every way runs under the same load (the separate processes' times follow whatever else
+    runs at the time). Peak memory is not measured here: the ways' weights and states are all in this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ways = {}
+    for options in [None, *args.options]:
+        model, image_token = build(args)  # the same weights for every way (the seed is fixed)
+        if options is None:
+            name, optimizer = (
+                "transformers",
+                torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4),
+            )
+        else:
+            name = "+".join(["labelled", *options])
+            optimizer = project_optimizer(model, set(options), args.warmup + args.steps)
+        ways[name] = (model, optimizer, options is None, [], [])
+    for ids, mask, pixels, labels in batches(args, image_token, args.warmup + args.steps):
+        for model, optimizer, full, times, cpu in ways.values():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model(ids, mask, pixels, labels, full_logits=full).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    medians = {
+        k: (statistics.median(w[3][args.warmup :]), statistics.median(w[4][args.warmup :])) for k, w in ways.items()
+    }
+    base = medians["transformers"]
+    print(f"steps interleaved in one process, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'way':<27}{'step (s)':>9}{'x loop':>8}{'CPU (s)':>8}{'x loop':>8}")
+    for name, (wall, cpu) in medians.items():
+        print(f"{name:<27}{wall:>9.3f}{wall / base[0]:>8.2f}{cpu:>8.2f}{cpu / base[1]:>8.2f}")
+
+
 def _options(text: str) -> list[str]:
     chosen = [] if text == "none" else text.split(",")
     unknown = [o for o in chosen if o not in OPTIONS]
@@ -186,11 +226,20 @@ def main() -> None:
         help="the project's way once per entry, with these optim options: none, or a comma-separated subset of "
         f"{', '.join(OPTIONS)} (default: none fused fused,in_backward)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the ways in one process, their steps in turn (a shared machine), without peak memory",
+    )
     parser.add_argument("--way", choices=["transformers", "labelled"], help=argparse.SUPPRESS)
     parser.add_argument("--options-of-way", type=_options, default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.way:  # one measurement, in this process
         print(json.dumps(measure(args)))
+        return
+    if args.interleave:
+        sys.path.insert(0, ROOT)  # this checkout, run from anywhere (the measurements' processes get PYTHONPATH)
+        interleaved(args)
         return
     results = []
     runs = [("transformers", "none")] + [("labelled", ",".join(o) or "none") for o in args.options]
