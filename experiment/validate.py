@@ -119,6 +119,42 @@ def validate(cfg: DictConfig) -> None:
         check_strategy(cfg.trainer.get("strategy"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _validate_in_backward(cfg.trainer, cfg.optim.in_backward)
+
+
+def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
+    """`optim.in_backward` steps each parameter as soon as its gradient of this batch is complete
+    (lit_modules/optim_in_backward.py): refused with whatever needs every gradient before any step. Whether "auto"
+    devices come to one device is known only on the machine: VLMModule checks the strategy it gets."""
+    if not in_backward:
+        return
+    key = "'optim.in_backward'"
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ConfigError(
+            f"{key} steps every parameter at each batch's backward, so it cannot accumulate gradients over "
+            f"trainer.accumulate_grad_batches = {accumulate} batches: set one of them off"
+        )
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            f"{key} steps each parameter before the others have gradients, so it cannot clip by their global norm "
+            f"(trainer.gradient_clip_val = {trainer.gradient_clip_val}): set trainer.gradient_clip_val: null"
+        )
+    strategy = trainer.get("strategy")
+    name = strategy.get("name") if isinstance(strategy, DictConfig) else strategy
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if name not in (None, "auto", "single_device") or _several(devices) or nodes != 1:
+        raise ConfigError(
+            f"{key} runs on one device only (trainer.strategy = {name or 'auto'}, devices = {devices}, "
+            f"num_nodes = {nodes}): DDP, FSDP and DeepSpeed reduce gradients after the in-backward steps; set "
+            f"trainer.devices: 1"
+        )
+    precision = str(trainer.get("precision", "32-true"))
+    if precision in ("16", "16-mixed"):
+        raise ConfigError(
+            f"{key} cannot go with trainer.precision = {precision}: its loss scaler unscales and checks the gradients "
+            f"after backward, when the parameters have stepped; use bf16-mixed or 32-true"
+        )
 
 
 AMOUNTS = ("weight", "repeat", "num_samples")
@@ -243,6 +279,18 @@ def _validate_packed_attention(cfg: DictConfig) -> None:
             f"trainer.precision is {precision} and model.llm.dtype {llm.dtype}: set trainer.precision: bf16-mixed, "
             f"or use {key}: flex (any dtype) or mask"
         )
+
+
+def _several(devices: Any) -> bool:
+    """Whether Lightning's `devices` (an int, -1 for all, "auto", "2", "0,1" or a list of indices) names more than
+    one device; "auto" is left to the run."""
+    if isinstance(devices, str):
+        if devices == "auto":
+            return False
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if isinstance(devices, int):
+        return devices == -1 or devices > 1
+    return len(devices) > 1
 
 
 # Sources of weights that a LLaVA directory (`model.from_hf`) replaces: set with it, they are refused.

@@ -144,6 +144,10 @@ class OptimConfig:
     # AdamW's fused kernel (one kernel per step for all parameters, on CUDA and CPU alike); where the parameters'
     # device has none, the multi-tensor (foreach) one. False: torch's default choice
     fused: bool = False
+    # step each parameter inside backward as soon as its gradient is complete, freeing it at once (no step holds
+    # every gradient): one device, no gradient accumulation, no clipping, no fp16 loss scaling
+    # (lit_modules/optim_in_backward.py)
+    in_backward: bool = False
     warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
     # a resumed run whose length changed (max_steps, max_epochs, world size, batch): refuse | cosine | constant

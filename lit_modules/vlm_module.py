@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
 
-from foundation.schema import EvalConfig, OptimConfig
+from foundation.schema import ConfigError, EvalConfig, OptimConfig
 from lit_modules.lr_schedule import WarmupCosine
+from lit_modules.optim_in_backward import AdamWInBackward
 from lit_modules.source_metrics import SourceMeans
 from metrics import METRICS
 from model.loss import sample_losses
@@ -71,6 +72,9 @@ class VLMModule(L.LightningModule):
         rank_zero_info("\n" + self.parameter_table)
         self.strict_loading = False  # checkpoints leave out frozen weights; on_load_checkpoint checks the rest
         self._skipped = 0
+        # optim.in_backward: the optimizer steps inside backward (lit_modules/optim_in_backward.py), so the step is
+        # this module's own (manual optimization): backward, the rest of the step, the scheduler
+        self.automatic_optimization = not self.optim.in_backward
 
     # ---- steps ---------------------------------------------------------------------------------
     def forward(self, batch: dict, num_items_in_batch: torch.Tensor | None = None, full_logits: bool = False):
@@ -103,14 +107,25 @@ class VLMModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         self._skipped += batch.get("num_skipped", 0)
-        if "input_ids" not in batch:
-            return None  # every sample of this batch was skipped
-        out = self(batch, self._label_tokens_per_rank(batch["labels"]))
-        # sync_dist: under DDP the curve is the mean over ranks (the global batch), not rank 0's share.
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        if self._skipped:
-            self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
-        return out.loss
+        loss = None
+        if "input_ids" in batch:  # else every sample of this batch was skipped
+            loss = self(batch, self._label_tokens_per_rank(batch["labels"])).loss
+            # sync_dist: under DDP the curve is the mean over ranks (the global batch), not rank 0's share.
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+            if self._skipped:
+                self.log("data/skipped_images", float(self._skipped), on_step=True, on_epoch=False)
+        if not self.automatic_optimization:
+            self._step_in_backward(loss)
+        return loss
+
+    def _step_in_backward(self, loss: torch.Tensor | None) -> None:
+        """`optim.in_backward`'s step, in the order Lightning's automatic one takes: backward (each parameter steps
+        in it, AdamWInBackward), the rest of the optimizer step, then the lr scheduler. A batch of skipped samples
+        still steps (every gradient zero), as the automatic path does when training_step returns None."""
+        if loss is not None:
+            self.manual_backward(loss)
+        self.optimizers().step()  # also counts the step (trainer.global_step)
+        self.lr_schedulers().step()
 
     def setup(self, stage: str) -> None:
         # The DataModule names the sources its validation batches come from (a mixture's, else none): each gets
@@ -208,7 +223,9 @@ class VLMModule(L.LightningModule):
         # vision path a zero gradient (VisionLanguageModel.embed), so AdamW applies its momentum and weight
         # decay to it. In one process the vision parameters would get no gradient and skip the step, and
         # N processes x batch b would drift from one process x batch N*b after a global batch with no image.
-        if isinstance(self._trainer.strategy, SingleDeviceStrategy):  # DeepSpeed / FSDP keep their own grads
+        # DeepSpeed / FSDP keep their own grads. AdamWInBackward does the same itself, for the parameters that did
+        # not step in backward (the others have no gradient left).
+        if isinstance(self._trainer.strategy, SingleDeviceStrategy) and not isinstance(optimizer, AdamWInBackward):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -227,13 +244,38 @@ class VLMModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.optim.betas), **self._adamw_kernel(groups))
+        optimizer = self._adamw(groups)
         total = int(self.trainer.estimated_stepping_batches)
         # restored from a resumed run's checkpoint; on_train_start reconciles it with `total` (optim.extend)
         self.lr_schedule = WarmupCosine(math.ceil(self.optim.warmup_ratio * total), total, self.optim.min_lr_ratio)
         self._planned_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _adamw(self, groups: list[dict]) -> torch.optim.AdamW:
+        """AdamW over `groups`; with `optim.in_backward`, stepped inside backward (one device only: DDP, FSDP and
+        DeepSpeed reduce gradients after backward, when every parameter would have stepped on its own rank's)."""
+        kwargs = dict(betas=tuple(self.optim.betas), **self._adamw_kernel(groups))
+        if not self.optim.in_backward:
+            return torch.optim.AdamW(groups, **kwargs)
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, SingleDeviceStrategy):
+            raise ConfigError(
+                f"'optim.in_backward' runs on one device only, but the run got {type(strategy).__name__} "
+                f"(trainer.devices / num_nodes / strategy): DDP, FSDP and DeepSpeed reduce gradients after the "
+                f"in-backward steps; set trainer.devices: 1 or optim.in_backward: false"
+            )
+        self._remove_in_backward_hooks()  # a second fit of this module: the first one's optimizer lets go
+        self._in_backward = AdamWInBackward(groups, **kwargs)
+        return self._in_backward
+
+    def _remove_in_backward_hooks(self) -> None:
+        if getattr(self, "_in_backward", None) is not None:
+            self._in_backward.remove_hooks()
+            self._in_backward = None
+
+    def teardown(self, stage: str) -> None:
+        self._remove_in_backward_hooks()  # the parameters no longer step on their own after the fit
 
     def _adamw_kernel(self, groups: list[dict]) -> dict:
         """`optim.fused`: AdamW's fused kernel where every trainable parameter's device has one (torch 2.15:
