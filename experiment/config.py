@@ -140,10 +140,28 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(ExperimentConfig)
 
 
-def _merged(sources: list[tuple[str, DictConfig]], overrides, one_by_one: bool = False) -> DictConfig:
+# (path, text) of each file of a composition -> the schema with those files merged in: a process composing many
+# configs merges the same files once (5 ms for the quickstart's three) and copies the result (2 ms).
+_FILES_MERGED: dict[tuple[tuple[str, str], ...], DictConfig] = {}
+
+
+def _files_merged(sources: list[tuple[str, DictConfig]]) -> DictConfig:
+    parsed = [_PARSED.get(where) for where, _ in sources]
+    files = None  # a source that is no file (a saved config, a LLaVA directory's model section): not kept
+    if all(p is not None and p[1] is source for p, (_, source) in zip(parsed, sources)):
+        files = tuple((where, p[0]) for p, (where, _) in zip(parsed, sources))
+        if files in _FILES_MERGED:
+            return copy.deepcopy(_FILES_MERGED[files])
     cfg = copy.deepcopy(_schema())  # a copy takes 1.5 ms, reading the dataclasses again 8
     for where, source in sources:
         cfg = _merge(cfg, source, where)
+    if files is not None:
+        _FILES_MERGED[files] = copy.deepcopy(cfg)
+    return cfg
+
+
+def _merged(sources: list[tuple[str, DictConfig]], overrides, one_by_one: bool = False) -> DictConfig:
+    cfg = _files_merged(sources)
     cfg.overrides = [*cfg.overrides, *overrides]
     if not one_by_one:
         # Each merge walks the structured config (about 1 ms): overrides go in runs that give what merging them
