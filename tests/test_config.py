@@ -52,6 +52,37 @@ def test_encoder_swap_replaces_the_block(tmp_path):
     assert dict(cfg.model.llm.config) == {"model_type": "qwen2", "num_hidden_layers": 2}
 
 
+def test_overrides_apply_in_order(tmp_path):
+    """Overrides are merged in runs (experiment/config.py `_runs`): the result is still each one on top of the
+    ones before it, a named block set after its options drops them, and an error names its override."""
+    exp = write(tmp_path, "base.yaml", BASE)
+    cases = [
+        (["model.encoder.image_size=96", "model.encoder.name=sam_vit_b"], {"name": "sam_vit_b"}),
+        (["model.encoder.name=sam_vit_b", "model.encoder.image_size=96"], {"name": "sam_vit_b", "image_size": 96}),
+        (["data.batch_size=2", "model.encoder={name: sam_vit_b}", "data.batch_size=3"], {"name": "sam_vit_b"}),
+    ]
+    for overrides, encoder in cases:
+        cfg = load_config(exp, overrides)
+        assert dict(cfg.model.encoder) == encoder, overrides
+        assert cfg.overrides == overrides
+    assert load_config(exp, ["data.batch_size=2", "optim.lr=0.5", "data.batch_size=3"]).data.batch_size == 3
+    llm = load_config(exp, ["model.llm.config.hidden_size=64", "model.llm.config={model_type: qwen2}"]).model.llm
+    assert dict(llm.config) == {"model_type": "qwen2"}
+    llm = load_config(exp, ["model.llm.config={model_type: qwen2}", "model.llm.config.hidden_size=64"]).model.llm
+    assert dict(llm.config) == {"model_type": "qwen2", "hidden_size": 64}
+    with pytest.raises(ConfigError, match=r"^override 'optim.lrr=1': unknown key 'optim.lrr'"):
+        load_config(exp, ["data.batch_size=2", "optim.lrr=1", "optim.lr=0.1"])
+
+
+def test_a_file_is_read_again_when_it_changes_and_a_loaded_config_is_its_own(tmp_path):
+    exp = write(tmp_path, "base.yaml", BASE)
+    first = load_config(exp)
+    first.data.batch_size, first.model.encoder.name = 99, "clip"  # not seen by the next load
+    assert (load_config(exp).data.batch_size, load_config(exp).model.encoder.name) == (4, "timm:vit_tiny_patch16_224")
+    write(tmp_path, "base.yaml", BASE.replace("batch_size: 4", "batch_size: 5"))
+    assert load_config(exp).data.batch_size == 5
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [

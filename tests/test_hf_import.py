@@ -102,11 +102,16 @@ def loaded(dirs, shapes_root, tmp_path_factory):
     return out
 
 
-def _compare(module, hf, path: str, img: Image.Image) -> float:
-    """Token ids and pixels against the directory's processor, logits against its model; the largest logit gap."""
+@pytest.fixture(scope="module")
+def processors(dirs):
+    """Each directory's own processor (the arithmetic LLaVA trained with), loaded once: the tests only call it."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path, backend="pil")  # the arithmetic LLaVA trained with
+    return {kind: AutoProcessor.from_pretrained(path, backend="pil") for kind, path in dirs.items()}
+
+
+def _compare(module, hf, processor, img: Image.Image) -> float:
+    """Token ids and pixels against the directory's processor, logits against its model; the largest logit gap."""
     model, tokenizer = module.model, module.tokenizer
     text = "USER: <image>\nWhat is in the picture? ASSISTANT:"
     theirs = processor(images=img, text=text, return_tensors="pt")
@@ -132,15 +137,15 @@ def _compare(module, hf, path: str, img: Image.Image) -> float:
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
-def test_a_llava_directory_gives_transformers_logits(loaded, name):
-    module, hf, path = loaded["llava"]
-    _compare(module, hf, path, Image.fromarray(PHOTOS[name]()).convert("RGB"))
+def test_a_llava_directory_gives_transformers_logits(loaded, processors, name):
+    module, hf, _ = loaded["llava"]
+    _compare(module, hf, processors["llava"], Image.fromarray(PHOTOS[name]()).convert("RGB"))
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
-def test_a_llava_next_directory_gives_transformers_logits(loaded, name):
-    module, hf, path = loaded["llava_next"]
-    _compare(module, hf, path, Image.fromarray(PHOTOS[name]()).convert("RGB"))
+def test_a_llava_next_directory_gives_transformers_logits(loaded, processors, name):
+    module, hf, _ = loaded["llava_next"]
+    _compare(module, hf, processors["llava_next"], Image.fromarray(PHOTOS[name]()).convert("RGB"))
 
 
 def test_the_config_built_from_the_directory(dirs, shapes_root, tmp_path):

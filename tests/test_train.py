@@ -6,6 +6,7 @@ import glob
 import os
 import subprocess
 import sys
+from types import MappingProxyType
 
 import lightning as L
 import pytest
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from experiment.assemble import build_module
+from experiment.config import load_config
 from experiment.runner import resolve_resume
 from inference.load import load_module
 from tests.support.events import scalars
@@ -98,41 +100,49 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_cfg):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
 
 
-def test_a_run_stopped_by_max_steps_continues_inside_its_epoch(tiny_cfg):
-    """Stopped at step 4 of a 6-batch epoch, then continued with a larger max_steps: steps 5-6 take the
-    rest of that epoch's batches, as one uninterrupted run does (constant lr: the schedule's length is the
-    only thing allowed to differ)."""
-    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01")
-    constant = ("optim.warmup_ratio=0", "optim.min_lr_ratio=1.0")
+# Constant lr (the schedule's length is then the only thing a longer max_steps changes), 6 batches an epoch
+CONSTANT_LR = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01", "optim.warmup_ratio=0",
+               "optim.min_lr_ratio=1.0")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_root, tmp_path_factory) -> MappingProxyType:
+    """train/loss of each step of one uninterrupted 9-step run at CONSTANT_LR: the reference of the tests below
+    that stop a run and continue it, trained once for them."""
+    runs = str(tmp_path_factory.mktemp("runs"))
     full = LossRecorder()
-    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=full"), full)
-    fit(tiny_cfg(*common, *constant, "trainer.max_steps=4", "logging.run_name=short"))
+    fit(load_config(None, [*tiny_overrides(shapes_root, runs), *CONSTANT_LR, "trainer.max_steps=9"]), full)
+    return MappingProxyType(full.losses)
+
+
+def test_a_run_stopped_by_max_steps_continues_inside_its_epoch(tiny_cfg, uninterrupted):
+    """Stopped at step 4 of a 6-batch epoch, then continued with a larger max_steps: steps 5-6 take the
+    rest of that epoch's batches, as one uninterrupted run does."""
+    fit(tiny_cfg(*CONSTANT_LR, "trainer.max_steps=4", "logging.run_name=short"))
     longer = LossRecorder()
-    trainer = fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=short", "resume=auto"), longer)
+    trainer = fit(tiny_cfg(*CONSTANT_LR, "trainer.max_steps=9", "logging.run_name=short", "resume=auto"), longer)
     assert trainer.global_step == 9 and sorted(longer.losses) == list(range(5, 10))
     for step in range(5, 10):
-        assert longer.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+        assert longer.losses[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
 
 
-def test_a_strategy_that_restores_after_its_setup_resumes_mid_epoch_exactly(tiny_cfg, monkeypatch):
+def test_a_strategy_that_restores_after_its_setup_resumes_mid_epoch_exactly(tiny_cfg, monkeypatch, uninterrupted):
     """FSDP and DeepSpeed restore a checkpoint after their setup, where configure_optimizers'
     estimated_stepping_batches has already built the training loader; its sampler must still take the
     checkpoint's position. Both resumed at the epoch's first batch on an H100 (bench/gpu_round_trips.py).
     Here the single-device strategy restores the same way, with DataLoader workers (they draw their first
-    indices as soon as that early loader's iterator exists)."""
+    indices as soon as that early loader's iterator exists); the reference is the uninterrupted run without
+    workers, which load the same samples."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     monkeypatch.setattr(SingleDeviceStrategy, "restore_checkpoint_after_setup", property(lambda self: True))
-    common = ("trainer.max_epochs=3", "trainer.limit_val_batches=0", "optim.lr=0.01", "data.num_workers=2")
-    constant = ("optim.warmup_ratio=0", "optim.min_lr_ratio=1.0")
-    full = LossRecorder()
-    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=full"), full)
-    fit(tiny_cfg(*common, *constant, "trainer.max_steps=4", "logging.run_name=short"))
+    fit(tiny_cfg(*CONSTANT_LR, "data.num_workers=2", "trainer.max_steps=4", "logging.run_name=short"))
     resumed = LossRecorder()
-    fit(tiny_cfg(*common, *constant, "trainer.max_steps=9", "logging.run_name=short", "resume=auto"), resumed)
+    fit(tiny_cfg(*CONSTANT_LR, "data.num_workers=2", "trainer.max_steps=9", "logging.run_name=short", "resume=auto"),
+        resumed)  # fmt: skip
     assert sorted(resumed.losses) == list(range(5, 10))
     for step in range(5, 10):
-        assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5, abs=1e-6), step
+        assert resumed.losses[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
 
 
 def test_the_progress_bar_leaves_out_the_run_name(tiny_cfg):
