@@ -110,6 +110,7 @@ def official_256(tmp_path_factory) -> tuple[ImageEncoderViT, str]:
     return official, save_official_layout(official, tmp_path_factory.mktemp("sam") / "sam_256.pth")
 
 
+@pytest.mark.slow  # 5 s on 2 cores (two ViT-B forwards at batch 2); the 128 px parity below stays in the fast suite
 def test_parity_with_official_at_256(official_256):
     official, path = official_256
     ours = build_encoder("sam_vit_b", checkpoint=path, image_size=256).eval()
