@@ -249,6 +249,17 @@ def test_skipped_records_are_counted_in_tensorboard(tiny_cfg, shapes_root, tmp_p
     assert list(scalars(trainer.logger.log_dir, "data/skipped_records").values()) == [1.0]
 
 
+class GeneratingBatches(L.Callback):
+    """Keeps (updates, scored answers) of the module's exact match at each validation's end, before it is reset."""
+
+    def __init__(self) -> None:
+        self.counts = []
+
+    def on_validation_epoch_end(self, trainer, module) -> None:  # callbacks run before the module's own hook
+        if not trainer.sanity_checking:
+            self.counts.append((module.val_accuracy.update_count, float(module.val_accuracy.weight)))
+
+
 def test_unreadable_images_never_stop_a_run(tiny_cfg, shapes_root, tmp_path):
     """on_error=skip with whole batches of unreadable images (train and validation): the run goes on, the
     stand-ins score nothing, and both kinds of skips are counted in TensorBoard."""
@@ -274,8 +285,12 @@ def test_unreadable_images_never_stop_a_run(tiny_cfg, shapes_root, tmp_path):
         "trainer.max_steps=2",
         "trainer.log_every_n_steps=1",
     )
-    trainer = fit(cfg)
+    generating = GeneratingBatches()
+    trainer = fit(cfg, generating)
     assert trainer.global_step == 2
+    # the batch of stand-ins still updates the exact match, with weight 0, so under DDP a rank holding only stand-ins
+    # joins the epoch-end sum over ranks instead of leaving the others waiting; the mean is the readable batch's
+    assert generating.counts[-1] == (2, 2.0)
     run = trainer.logger.log_dir
     assert list(scalars(run, "train/loss").values()) == [0.0, 0.0]  # nothing but stand-ins: no signal, no NaN
     assert max(scalars(run, "data/skipped_images").values()) == 16
