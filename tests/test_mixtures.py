@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import Counter
 
 import numpy as np
@@ -19,11 +18,10 @@ from datamodules.mixture import Mixture, resolve_counts
 from datamodules.sampler import GroupedSampler
 from encoders.preprocess import ResizeCrop
 from experiment.config import ConfigError
-from experiment.runner import SIGTERM_EXIT
 from foundation.schema import DataConfig, SourceConfig
 from tests.support.events import scalars
 from tests.support.mixtures import split_sources
-from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
+from tests.support.processes import interrupted_twice
 
 N = 9
 IMAGE = ImageSpec(32, (0.5,) * 3, (0.5,) * 3, num_tokens=N, preprocess=ResizeCrop.clip(32, (0.5,) * 3, (0.5,) * 3))
@@ -134,26 +132,10 @@ def test_a_three_source_mixture_resumes_exactly_after_sigkill_and_sigterm(shapes
     spec = f"[{{file: {a}, weight: 1}}, {{file: {b}, repeat: 0.5}}, {{file: {c}, num_samples: 10}}]"
     mixture = ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
                f"data.sources={spec}", *COMMON)  # fmt: skip
-    root, cwd = str(tmp_path / "runs"), str(tmp_path)
-    run_dir = os.path.join(root, "quickstart", "cut")
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    reference = start_training(train_cli_args(shapes_root, str(tmp_path / "ref"), *mixture, "logging.run_name=f"), cwd)
-    args = lambda *extra: train_cli_args(shapes_root, root, *mixture, "logging.run_name=cut", *extra)  # noqa: E731
-    # 26 samples an epoch in batches of 4: 7 steps. SIGKILL after step 3 (2 workers), SIGTERM in epoch 1.
-    proc = start_training(args("data.num_workers=2", "checkpoint.every_n_train_steps=3"), cwd)
-    assert kill_after_checkpoint(proc, last) == 3
-    proc = start_training(args("resume=auto", "checkpoint.every_n_train_steps=9"), cwd)
-    assert kill_after_checkpoint(proc, last, sig=signal.SIGTERM) >= 7  # epoch 0's end saves too (step 7)
-    assert proc.returncode == SIGTERM_EXIT
-    done = start_training(args("resume=auto"), cwd)
-    for p in (reference, done):
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out[-3000:]
+    # 26 samples an epoch in batches of 4: 7 steps. SIGKILL after step 3, SIGTERM in epoch 1.
+    ref_dir, run_dir, out = interrupted_twice(shapes_root, tmp_path, mixture, steps_per_epoch=7)
     assert "data mixture (samples an epoch takes from each source)" in out
-    full, resumed = (
-        scalars(os.path.join(tmp_path, "ref", "quickstart", "f"), "train/loss"),
-        scalars(run_dir, "train/loss"),
-    )
+    full, resumed = scalars(ref_dir, "train/loss"), scalars(run_dir, "train/loss")
     assert sorted(full) == list(range(12)) and set(range(3, 12)) <= set(resumed)
     for step in range(3, 12):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, full, resumed)

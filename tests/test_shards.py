@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -20,11 +19,10 @@ from datamodules.bad_records import BadRecordCap
 from datamodules.llava_data import DataError
 from encoders.preprocess import ResizeCrop
 from experiment.config import ConfigError
-from experiment.runner import SIGTERM_EXIT
 from foundation.errors import run_command
 from foundation.schema import DataConfig, SourceConfig
 from tests.support.events import scalars
-from tests.support.processes import kill_after_checkpoint, start_training, train_cli_args
+from tests.support.processes import interrupted_twice
 from tests.support.runs import LossRecorder, fit
 from tools.write_shards import main as write_shards_main
 from tools.write_shards import write_shards
@@ -222,17 +220,22 @@ class StopAt(LossRecorder):
             trainer.should_stop = True
 
 
-def test_a_mixture_with_shards_resumes_from_a_checkpoint_exactly(tiny_cfg, shapes_root, tmp_path):
-    # shards with 3 bad records of 11 (skipped, counted: the counts go on from the checkpoint's) and a JSON file
+def shards_beside_a_file(shapes_root: str, tmp_path, *extra: str) -> tuple[str, ...]:
+    """Overrides for a 1:1 mixture of shards of 11 records, 3 of them bad (source `web`), and a JSON file of 10
+    (`local`), in batches of 4 without validation, bad records capped at half."""
     bad_shards = str(tmp_path / "bad_shards")
     write_shards(write_bad_file(shapes_root, tmp_path), bad_shards, str(tmp_path), workers=1)
     part = str(tmp_path / "part.json")
     json.dump(json.load(open(os.path.join(shapes_root, "sft_train.json")))[:10], open(part, "w"))
     spec = f"[{{shards: {bad_shards}, name: web, weight: 1}}, {{file: {part}, name: local, weight: 1}}]"
-    common = ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
-              f"data.sources={spec}", "data.batch_size=4", "data.max_bad_fraction=0.5", "trainer.max_steps=8",
-              "trainer.max_epochs=3", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
-              "optim.lr=0.01")  # fmt: skip
+    return ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
+            f"data.sources={spec}", "data.batch_size=4", "data.max_bad_fraction=0.5", "trainer.max_epochs=3",
+            "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "optim.lr=0.01", *extra)  # fmt: skip
+
+
+def test_a_mixture_with_shards_resumes_from_a_checkpoint_exactly(tiny_cfg, shapes_root, tmp_path):
+    # shards with 3 bad records of 11 (skipped, counted: the counts go on from the checkpoint's) and a JSON file
+    common = shards_beside_a_file(shapes_root, tmp_path, "trainer.max_steps=8")
     full = StopAt()
     fit(tiny_cfg(*common, "logging.run_name=full"), full)
     cut = StopAt(at=3)
@@ -271,31 +274,9 @@ def test_a_mixture_with_shards_resumes_exactly_after_sigkill_and_sigterm(shapes_
     # As test_mixtures.py's three-source test, with a shards source (11 records, 3 bad) beside a JSON file: the
     # shards are read by DataLoader worker processes, each with its own litdata stream, and the bad records' counts
     # go on from the checkpoint's.
-    bad_shards = str(tmp_path / "bad_shards")
-    write_shards(write_bad_file(shapes_root, tmp_path), bad_shards, str(tmp_path), workers=1)
-    part = str(tmp_path / "part.json")
-    json.dump(json.load(open(os.path.join(shapes_root, "sft_train.json")))[:10], open(part, "w"))
-    spec = f"[{{shards: {bad_shards}, name: web, weight: 1}}, {{file: {part}, name: local, weight: 1}}]"
-    mixture = ("data.builtin=null", f"model.tokenizer={shapes_root}/tokenizer", f"data.image_folder={shapes_root}",
-               f"data.sources={spec}", "data.batch_size=4", "data.max_bad_fraction=0.5", "trainer.max_steps=12",
-               "trainer.max_epochs=3", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
-               "optim.lr=0.01")  # fmt: skip
-    root, cwd = str(tmp_path / "runs"), str(tmp_path)
-    run_dir = os.path.join(root, "quickstart", "cut")
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    reference = start_training(train_cli_args(shapes_root, str(tmp_path / "ref"), *mixture, "logging.run_name=f"), cwd)
-    args = lambda *extra: train_cli_args(shapes_root, root, *mixture, "logging.run_name=cut", *extra)  # noqa: E731
-    # 11 + 10 = 21 samples an epoch in batches of 4: 6 steps. SIGKILL after step 3 (2 workers), SIGTERM in epoch 1.
-    proc = start_training(args("data.num_workers=2", "checkpoint.every_n_train_steps=3"), cwd)
-    assert kill_after_checkpoint(proc, last) == 3
-    proc = start_training(args("resume=auto", "data.num_workers=2", "checkpoint.every_n_train_steps=8"), cwd)
-    assert kill_after_checkpoint(proc, last, sig=signal.SIGTERM) >= 6  # epoch 0's end saves too (step 6)
-    assert proc.returncode == SIGTERM_EXIT
-    done = start_training(args("resume=auto"), cwd)
-    for p in (reference, done):
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out[-3000:]
-    ref_dir = os.path.join(tmp_path, "ref", "quickstart", "f")
+    mixture = shards_beside_a_file(shapes_root, tmp_path, "trainer.max_steps=12")
+    # 11 + 10 = 21 samples an epoch in batches of 4: 6 steps. SIGKILL after step 3, SIGTERM in epoch 1.
+    ref_dir, run_dir, _ = interrupted_twice(shapes_root, tmp_path, mixture, steps_per_epoch=6)
     full, resumed = scalars(ref_dir, "train/loss"), scalars(run_dir, "train/loss")
     assert sorted(full) == list(range(12)) and set(range(3, 12)) <= set(resumed)
     for step in range(3, 12):

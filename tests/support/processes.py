@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from experiment.runner import SIGTERM_EXIT
 from tests.support import zygote
 from tests.support.paths import REPO
 from tests.support.quickstart import tiny_overrides
@@ -95,3 +96,31 @@ def finished_losses(tmp_path, proc: zygote.ForkedProcess, name: str) -> dict[int
     assert proc.returncode == 0, out[-4000:]
     proc.output = out
     return scalars(str(tmp_path / "runs" / "quickstart" / name), "train/loss")
+
+
+def interrupted_twice(shapes_root: str, tmp_path, overrides, steps_per_epoch: int) -> tuple[str, str, str]:
+    """An uninterrupted reference run (`ref/quickstart/f`) beside run `cut`, which is SIGKILLed right after its
+    step-3 checkpoint, resumed, SIGTERMed at the end of epoch 0 or later, and resumed to the end; DataLoader workers
+    (2) in the interrupted processes. Every process is train.py as a user launches it, with `overrides`. Returns
+    (the reference's run dir, cut's run dir, the last process's output)."""
+    root, cwd = str(tmp_path / "runs"), str(tmp_path)
+    run_dir = os.path.join(root, "quickstart", "cut")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    reference = start_training(
+        train_cli_args(shapes_root, str(tmp_path / "ref"), *overrides, "logging.run_name=f"), cwd
+    )
+
+    def start(*extra: str) -> zygote.ForkedProcess:
+        return start_training(train_cli_args(shapes_root, root, *overrides, "logging.run_name=cut", *extra), cwd)
+
+    proc = start("data.num_workers=2", "checkpoint.every_n_train_steps=3")
+    assert kill_after_checkpoint(proc, last) == 3, proc.output[-3000:]
+    # the next checkpoint: epoch 0's end (a save at every epoch's end) or later
+    proc = start("resume=auto", "data.num_workers=2", f"checkpoint.every_n_train_steps={steps_per_epoch + 2}")
+    assert kill_after_checkpoint(proc, last, sig=signal.SIGTERM) >= steps_per_epoch, proc.output[-3000:]
+    assert proc.returncode == SIGTERM_EXIT, proc.output[-3000:]
+    done = start("resume=auto")
+    for p in (reference, done):
+        p.output = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, p.output[-3000:]
+    return os.path.join(str(tmp_path), "ref", "quickstart", "f"), run_dir, done.output
