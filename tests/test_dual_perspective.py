@@ -400,7 +400,12 @@ def test_load_inf_llava_mismatch_errors() -> None:
 def test_single_perspective_concat_loads_paper_weights() -> None:
     paper, _ = make()
     local_only, _ = make(perspectives="local")
-    load_inf_llava(local_only, fake_mm_projector_bin(paper, "model."))
+    state = fake_mm_projector_bin(paper, "model.")
+    projector_state = load_inf_llava(local_only, state)
+    # the DEM is the same module whichever perspectives feed it: every tensor of the paper's file lands in it
+    for k, v in local_only.dem.state_dict().items():
+        assert torch.equal(v, state[f"model.spatial_embed.{k}"]), k
+    assert set(projector_state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 def test_wraps_a_timm_vit() -> None:
