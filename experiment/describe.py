@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from encoders import VisionEncoder, encoder_chain
+from encoders.token_counts import EXAMPLE_SIZES, image_token_counts
 from experiment.assemble import build_tokenizer, tokenizer_path
 from foundation.schema import NAMED_BLOCKS
 from model.build import build_vlm
@@ -42,16 +43,11 @@ def build_on_meta(cfg: DictConfig, llm_config: dict | None = None) -> tuple[Visi
     return model, model.freeze_for(cfg.stage, cfg.trainable)
 
 
-# Image sizes (height, width) whose token counts are shown for a tower whose count depends on the size (a
-# tiling) when none are asked for: a VGA / COCO photo, XGA, a Full HD screenshot, an A4 page at 150 dpi.
-EXAMPLE_SIZES = ((480, 640), (768, 1024), (1080, 1920), (1754, 1240))
-
-
 def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[tuple[int, int]] | None = None) -> str:
     """Each part's parameters (total, trainable in this stage), where its weights come from, and what the
     LLM sees of an image (input size, image tokens, text budget within data.max_length). Arguments as
     `build_on_meta`; `image_sizes` (height, width): the images whose token counts to show (by default
-    `EXAMPLE_SIZES` where the count depends on the size)."""
+    encoders/token_counts.py's `EXAMPLE_SIZES` where the count depends on the size)."""
     start = time.perf_counter()
     model, table = build_on_meta(cfg, llm_config)
     seconds = time.perf_counter() - start
@@ -77,16 +73,15 @@ def describe(cfg: DictConfig, llm_config: dict | None = None, image_sizes: list[
         f"{vision.embed_dim}, projected to {text.hidden_size}"
     )
     sizes = [tuple(s) for s in image_sizes or ()]
-    varies = any(vision.num_image_tokens(s) != tokens for s in (*sizes, *EXAMPLE_SIZES))
+    shown = image_token_counts(vision, sizes or EXAMPLE_SIZES)  # encoders/token_counts.py, as HPARAMS reports
+    varies = image_token_counts(vision, (*sizes, *EXAMPLE_SIZES)).varies
     if not varies:
         lines.append(f"image tokens per image: {per_view}")
     else:  # a tiling: the count depends on the image's size
         lines.append(f"image tokens per encoder view: {per_view}; per image by its size (height x width):")
-        sizes = sizes or list(EXAMPLE_SIZES)
-        for h, w in sizes:
-            n, views = vision.num_image_tokens((h, w)), vision.num_views((h, w))
+        for (h, w), n, views in zip(shown.sizes, shown.tokens, shown.views):
             lines.append(f"  {h} x {w} px: {n} image tokens ({views} encoder views)")
-        tokens = max(vision.num_image_tokens(s) for s in sizes)
+        tokens = max(shown.tokens)
     budget = max_length - tokens
     lines.append(
         f"sequence: data.max_length {max_length} = {tokens} image tokens + {budget} text tokens "
@@ -172,5 +167,5 @@ def _vision_chain(vision: VisionEncoder) -> str:
         for m in encoder_chain(vision)
     ]
     side = f"{vision.image_size} x {vision.image_size} px"
-    tiled = any(vision.num_views(size) != 1 for size in EXAMPLE_SIZES)
+    tiled = image_token_counts(vision).tiled
     return (f"images of any size as {side} views" if tiled else f"{side} images") + " -> " + " wrapping ".join(chain)

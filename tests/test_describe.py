@@ -11,9 +11,10 @@ import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from encoders import build_encoder
+from encoders.token_counts import EXAMPLE_SIZES
 from experiment.assemble import build_module
 from experiment.config import EXPERIMENTS_DIR, load_config
-from experiment.describe import EXAMPLE_SIZES, build_on_meta, describe
+from experiment.describe import build_on_meta, describe
 from tests.support.experiments import experiment_files
 from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA_YAML, llama_yaml
 
