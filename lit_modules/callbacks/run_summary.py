@@ -6,6 +6,8 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.tensorboard.summary import hparams
 
+from encoders import VisionEncoder
+from encoders.token_counts import image_token_counts
 from lit_modules.callbacks.validation_samples import tensorboard
 
 # Metrics the HPARAMS tab shows beside each run; VLMModule logs them at every validation. Only their
@@ -41,9 +43,27 @@ def layout(per_source: bool) -> dict:
     return {category: {**charts, **PER_SOURCE_LAYOUT.get(category, {})} for category, charts in LAYOUT.items()}
 
 
+def image_token_hparams(vision: VisionEncoder) -> dict[str, int]:
+    """`image_tokens`, what the LLM sees of one image: a plain tower's `num_tokens`. A tiling's count depends on
+    the image's size, so there `image_tokens` is the largest at encoders/token_counts.py's `EXAMPLE_SIZES` (the
+    count `--describe` budgets the sequence for), beside the smallest (`image_tokens_min`), one encoder view's
+    (`image_tokens_per_view`) and the most views an image takes (`image_views`): two tilings with different grid
+    pinpoints or max_tiles share a tower, hence a per-view count, but not these."""
+    counts = image_token_counts(vision)
+    if not counts.varies:
+        return {"image_tokens": counts.per_view}
+    return {
+        "image_tokens": max(counts.tokens),
+        "image_tokens_min": min(counts.tokens),
+        "image_tokens_per_view": counts.per_view,
+        "image_views": max(counts.views),
+    }
+
+
 def comparison_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-    """What decides a comparison between runs: encoder, image size and tokens, projector, LLM, stage,
-    trainable parts, learning rate, global batch, steps, and every command-line override."""
+    """What decides a comparison between runs: encoder (and its reducer, enhancer, tiling), image size and
+    tokens (`image_token_hparams`), projector, LLM, stage, trainable parts, learning rate, global batch, steps,
+    and every command-line override."""
     cfg = pl_module.hparams.get("config", {})
     model, vision = cfg.get("model", {}), pl_module.model.vision
     text = pl_module.model.llm.config.get_text_config()
@@ -54,8 +74,9 @@ def comparison_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict
         "encoder": model.get("encoder", {}).get("name"),
         "reducer": (model.get("reducer") or {}).get("name", "none"),
         "enhancer": (model.get("enhancer") or {}).get("name", "none"),
+        "tiling": (model.get("tiling") or {}).get("name", "none"),
         "image_size": vision.image_size,
-        "image_tokens": vision.num_tokens,
+        **image_token_hparams(vision),
         "projector": model.get("projector"),
         "llm": llm.get("path") or f"{text.model_type} {text.num_hidden_layers}x{text.hidden_size} (random init)",
         "lora": "none" if not llm.get("lora") else str(llm["lora"]),
