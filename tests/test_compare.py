@@ -36,7 +36,8 @@ def write_run(run_dir: str, cfg, curves: dict[str, list[tuple[int, float]]]) -> 
 def test_two_runs_side_by_side(tiny_cfg, tmp_path):
     experiment = tmp_path / "runs" / "quickstart"
     write_run(str(experiment / "a"), tiny_cfg("optim.lr=0.01", "logging.run_name=a"), CURVES["a"])
-    write_run(str(experiment / "b"), tiny_cfg("optim.lr=0.001", "logging.run_name=b"), CURVES["b"])
+    tiling = "model.tiling={name: anyres, grid_pinpoints: '(1x1),...,(2x2)', max_tiles: 2}"
+    write_run(str(experiment / "b"), tiny_cfg("optim.lr=0.001", "logging.run_name=b", tiling), CURVES["b"])
     png = str(tmp_path / "curves.png")
     text = compare([str(experiment)], png)  # the experiment folder: both runs
     header, *lines = text.splitlines()
@@ -45,6 +46,8 @@ def test_two_runs_side_by_side(tiny_cfg, tmp_path):
     assert header.split() == ["a", "b"]
     assert rows["lr"] == ["0.01", "0.001"]
     assert rows["encoder"] == ["timm:vit_tiny_patch16_224"] * 2
+    # a tiling with its options: two AnyRes runs can differ by these alone
+    assert rows["tiling"] == ["-", "anyres", "grid_pinpoints=(1x1),...,(2x2)", "max_tiles=2"]
     assert rows["llm"] == ["llama", "(inline", "config)"] * 2
     assert rows["val/loss last"] == ["2.75", "3.375"]
     assert rows["val/loss best"] == ["2.75", "3.25"]  # min for a loss

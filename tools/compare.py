@@ -4,9 +4,9 @@
     python -m tools.compare runs/compare_*  --png compare.png     # an experiment folder means all its runs
 
 Each run directory is what train.py writes: `config.yaml` (the resolved config) and TensorBoard event
-files. Settings shown: encoder, reducer, enhancer, projector, LLM, stage, trainable parts, lr, batch size
-and the run's command-line overrides; metrics: the last and best value of every `val/*` scalar
-(best = min for losses, max otherwise) and the last `train/loss`.
+files. Settings shown: encoder, reducer, enhancer, tiling (with its options), projector, LLM, stage, trainable
+parts, lr, batch size and the run's command-line overrides; metrics: the last and best value of every `val/*`
+scalar (best = min for losses, max otherwise) and the last `train/loss`.
 """
 
 from __future__ import annotations
@@ -48,10 +48,13 @@ def scalars(run: str) -> dict[str, list[tuple[int, float]]]:
 def settings(cfg: dict) -> dict[str, str]:
     model, llm = cfg.get("model", {}), cfg.get("model", {}).get("llm", {})
     inline = llm.get("config") or {}
+    tiling = {k: v for k, v in (model.get("tiling") or {}).items() if v is not None}
     return {
         "encoder": str(model.get("encoder", {}).get("name")),
         "reducer": str((model.get("reducer") or {}).get("name", "-")),
         "enhancer": str((model.get("enhancer") or {}).get("name", "-")),
+        # with its options: two AnyRes runs differ by their grid pinpoints or max_tiles, not by the name
+        "tiling": " ".join([str(tiling.get("name", "-"))] + [f"{k}={v}" for k, v in tiling.items() if k != "name"]),
         "projector": str(model.get("projector")),
         "llm": str(llm.get("path") or f"{inline.get('model_type')} (inline config)"),
         "stage": str(cfg.get("stage")),
