@@ -21,6 +21,7 @@ from foundation.schema import NAMED_BLOCKS, ConfigError, source_name
 from foundation.stages import PARTS, STAGES
 from foundation.typecheck import describe, fits
 from lit_modules.lr_schedule import EXTENSIONS
+from lit_modules.optimizer import STATES
 from metrics import METRICS
 from model.attention import NEEDS_CUDA, PACKED_ATTENTION
 from model.lora import LORA_OPTIONS, QUANTIZATIONS
@@ -120,6 +121,7 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _validate_in_backward(cfg.trainer, cfg.optim.in_backward)
+    _validate_states(cfg.trainer, cfg.optim)
 
 
 def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
@@ -154,6 +156,28 @@ def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
         raise ConfigError(
             f"{key} cannot go with trainer.precision = {precision}: its loss scaler unscales and checks the gradients "
             f"after backward, when the parameters have stepped; use bf16-mixed or 32-true"
+        )
+
+
+def _validate_states(trainer: DictConfig, optim: DictConfig) -> None:
+    """`optim.states`: one of STATES; 8-bit states are bitsandbytes' AdamW8bit, which has no fused option and is not
+    tested under FSDP or DeepSpeed (both shard the optimizer states themselves, lit_modules/optimizer.py)."""
+    key = f"'optim.states' = {optim.states!r}"
+    if optim.states not in STATES:
+        raise ConfigError(f"{key} is not valid; choose one of: {', '.join(STATES)}")
+    if optim.states == "fp32":
+        return
+    if optim.fused:
+        raise ConfigError(
+            f"'optim.fused' is torch's fp32 AdamW kernel, but {key} steps with bitsandbytes' own: set "
+            f"optim.fused: false"
+        )
+    strategy = trainer.get("strategy")
+    name = str(strategy.get("name") if isinstance(strategy, DictConfig) else strategy)
+    if name.startswith(("fsdp", "deepspeed")):
+        raise ConfigError(
+            f"{key} runs on one device or under DDP; trainer.strategy = {name} shards the optimizer states itself: "
+            f"set optim.states: fp32"
         )
 
 

@@ -148,6 +148,10 @@ class OptimConfig:
     # every gradient): one device, no gradient accumulation, no clipping, no fp16 loss scaling
     # (lit_modules/optim_in_backward.py)
     in_backward: bool = False
+    # AdamW's two moment states: fp32 (torch's AdamW, 8 bytes per trained parameter) | 8bit (bitsandbytes'
+    # AdamW8bit, block-quantized, about 2 bytes; the `lowmem` extra). AdamW's trajectory up to the states' rounding;
+    # one device or DDP (lit_modules/optimizer.py)
+    states: str = "fp32"
     warmup_ratio: float = 0.03  # share of the total steps with linear warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a share of each group's peak lr
     # a resumed run whose length changed (max_steps, max_epochs, world size, batch): refuse | cosine | constant

@@ -16,9 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
 
-from foundation.schema import ConfigError, EvalConfig, OptimConfig
+from foundation.schema import EvalConfig, OptimConfig
 from lit_modules.lr_schedule import WarmupCosine
-from lit_modules.optim_in_backward import AdamWInBackward
+from lit_modules.optim_in_backward import StepsInBackward
+from lit_modules.optimizer import build_optimizer
 from lit_modules.source_metrics import SourceMeans
 from metrics import METRICS
 from model.loss import sample_losses
@@ -120,7 +121,7 @@ class VLMModule(L.LightningModule):
 
     def _step_in_backward(self, loss: torch.Tensor | None) -> None:
         """`optim.in_backward`'s step, in the order Lightning's automatic one takes: backward (each parameter steps
-        in it, AdamWInBackward), the rest of the optimizer step, then the lr scheduler. A batch of skipped samples
+        in it, StepsInBackward), the rest of the optimizer step, then the lr scheduler. A batch of skipped samples
         still steps (every gradient zero), as the automatic path does when training_step returns None."""
         if loss is not None:
             self.manual_backward(loss)
@@ -223,9 +224,9 @@ class VLMModule(L.LightningModule):
         # vision path a zero gradient (VisionLanguageModel.embed), so AdamW applies its momentum and weight
         # decay to it. In one process the vision parameters would get no gradient and skip the step, and
         # N processes x batch b would drift from one process x batch N*b after a global batch with no image.
-        # DeepSpeed / FSDP keep their own grads. AdamWInBackward does the same itself, for the parameters that did
+        # DeepSpeed / FSDP keep their own grads. StepsInBackward does the same itself, for the parameters that did
         # not step in backward (the others have no gradient left).
-        if isinstance(self._trainer.strategy, SingleDeviceStrategy) and not isinstance(optimizer, AdamWInBackward):
+        if isinstance(self._trainer.strategy, SingleDeviceStrategy) and not isinstance(optimizer, StepsInBackward):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -244,30 +245,16 @@ class VLMModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
-        optimizer = self._adamw(groups)
+        self._remove_in_backward_hooks()  # a second fit of this module: the first one's optimizer lets go
+        optimizer = build_optimizer(groups, self.optim, self.trainer.strategy)  # lit_modules/optimizer.py
+        if isinstance(optimizer, StepsInBackward):
+            self._in_backward = optimizer
         total = int(self.trainer.estimated_stepping_batches)
         # restored from a resumed run's checkpoint; on_train_start reconciles it with `total` (optim.extend)
         self.lr_schedule = WarmupCosine(math.ceil(self.optim.warmup_ratio * total), total, self.optim.min_lr_ratio)
         self._planned_steps = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _adamw(self, groups: list[dict]) -> torch.optim.AdamW:
-        """AdamW over `groups`; with `optim.in_backward`, stepped inside backward (one device only: DDP, FSDP and
-        DeepSpeed reduce gradients after backward, when every parameter would have stepped on its own rank's)."""
-        kwargs = dict(betas=tuple(self.optim.betas), **self._adamw_kernel(groups))
-        if not self.optim.in_backward:
-            return torch.optim.AdamW(groups, **kwargs)
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, SingleDeviceStrategy):
-            raise ConfigError(
-                f"'optim.in_backward' runs on one device only, but the run got {type(strategy).__name__} "
-                f"(trainer.devices / num_nodes / strategy): DDP, FSDP and DeepSpeed reduce gradients after the "
-                f"in-backward steps; set trainer.devices: 1 or optim.in_backward: false"
-            )
-        self._remove_in_backward_hooks()  # a second fit of this module: the first one's optimizer lets go
-        self._in_backward = AdamWInBackward(groups, **kwargs)
-        return self._in_backward
 
     def _remove_in_backward_hooks(self) -> None:
         if getattr(self, "_in_backward", None) is not None:
@@ -276,18 +263,6 @@ class VLMModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._remove_in_backward_hooks()  # the parameters no longer step on their own after the fit
-
-    def _adamw_kernel(self, groups: list[dict]) -> dict:
-        """`optim.fused`: AdamW's fused kernel where every trainable parameter's device has one (torch 2.15:
-        CUDA, CPU, MPS, XPU, ...), else the foreach one, said once; {} leaves the choice to torch."""
-        if not self.optim.fused:
-            return {}
-        devices = {p.device.type for g in groups for p in g["params"]}
-        supported = _fused_devices()
-        if devices <= supported:
-            return {"fused": True}
-        rank_zero_info(f"optim.fused: no fused AdamW on {', '.join(sorted(devices - supported))}; using foreach")
-        return {"foreach": True}
 
     def on_train_start(self) -> None:
         # A resumed run's schedule came back with the scheduler's state; a run made longer or shorter since
@@ -324,10 +299,3 @@ class VLMModule(L.LightningModule):
                 f"checkpoint does not match the model: missing {sorted(missing)[:10]}, "
                 f"unexpected {sorted(unexpected)[:10]}"
             )
-
-
-def _fused_devices() -> set[str]:
-    # torch's own list of the devices with fused optimizer kernels (a private helper; AdamW checks against it)
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    return set(_get_fused_kernels_supported_devices())

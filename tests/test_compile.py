@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from encoders import build_encoder
@@ -47,7 +48,9 @@ def test_compile_blocks_compiles_each_decoder_layer_and_vision_block_in_place():
 def _steps(optim: OptimConfig, steps: int = 3) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
     """`steps` AdamW steps of VLMModule's optimizer on one text batch; the trained parameters after them."""
     module = VLMModule(tiny_vlm(), tokenizer=SimpleNamespace(eos_token_id=1), stage="sft", optim=optim)
-    module.trainer = SimpleNamespace(estimated_stepping_batches=steps)  # what configure_optimizers reads
+    module.trainer = SimpleNamespace(  # what configure_optimizers reads
+        estimated_stepping_batches=steps, strategy=SingleDeviceStrategy(torch.device("cpu"))
+    )
     optimizer = module.configure_optimizers()["optimizer"]
     ids = torch.randint(1, IMAGE_ID, (2, 9), generator=torch.Generator().manual_seed(0))
     for _ in range(steps):

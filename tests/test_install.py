@@ -30,7 +30,12 @@ def _name(requirement: str) -> str:
 # Import name -> distribution, where they differ (the others are spelled alike).
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image", "lmms_eval": "lmms-eval"}
 # Modules imported only under a check that names the extra (foundation.errors.needs_extra).
-EXTRA_OF_MODULE = {"tools/lmms_eval.py": "eval", "tools/write_shards.py": "stream", "datamodules/shards.py": "stream"}
+EXTRA_OF_MODULE = {
+    "tools/lmms_eval.py": "eval",
+    "tools/write_shards.py": "stream",
+    "datamodules/shards.py": "stream",
+    "lit_modules/optimizer.py": "lowmem",
+}
 LOCAL = {*SETUPTOOLS["py-modules"], *(p.split(".")[0] for p in SETUPTOOLS["packages"])}
 
 
@@ -56,10 +61,12 @@ SOURCES = sorted(
 
 def test_training_does_not_install_the_evaluation_harness_or_the_test_tools():
     runtime = {_name(r) for r in RUNTIME}
-    assert not runtime & {"lmms-eval", "wandb", "openai", "yt-dlp", "pytest", "decord", "litdata", "boto3"}, runtime
+    extras_only = {"lmms-eval", "wandb", "openai", "yt-dlp", "pytest", "decord", "litdata", "boto3", "bitsandbytes"}
+    assert not runtime & extras_only, runtime
     assert {"lmms-eval", "wandb", "decord"} <= {_name(r) for r in EXTRAS["eval"]}
     assert "pytest" in {_name(r) for r in EXTRAS["dev"]}
     assert "litdata" in {_name(r) for r in EXTRAS["stream"]} and set(EXTRAS["stream"]) <= set(EXTRAS["dev"])
+    assert "bitsandbytes" in {_name(r) for r in EXTRAS["lowmem"]} and set(EXTRAS["lowmem"]) <= set(EXTRAS["dev"])
     assert "torch==2.15.0" in RUNTIME and "torchvision==0.29.2" in RUNTIME
 
 

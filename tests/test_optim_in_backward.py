@@ -11,48 +11,14 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 from experiment.assemble import build_module
 from foundation.schema import ConfigError
 from lit_modules.optim_in_backward import AdamWInBackward
 from tests.support.events import scalars
+from tests.support.optim import FIT, NO_CLIP, OPTIM, SaveAt, image_and_text_batches, optimizer_of, train
 from tests.support.runs import LossRecorder, fit
-
-# different rates per part, warm-up then cosine, weight decay: what the per-parameter steps must each get right
-OPTIM = ("optim.lr_per_part={projector: 0.01, llm: 0.003}", "optim.warmup_ratio=0.5", "optim.weight_decay=0.1")
-FIT = ("trainer.max_steps=4", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1")
-NO_CLIP = "trainer.gradient_clip_val=null"  # base.yaml clips by norm, which in_backward refuses
-
-
-def _optimizer(module, steps: int) -> torch.optim.AdamW:
-    module.trainer = SimpleNamespace(  # what configure_optimizers reads
-        estimated_stepping_batches=steps, strategy=SingleDeviceStrategy(torch.device("cpu"))
-    )
-    config = module.configure_optimizers()
-    return config["optimizer"], config["lr_scheduler"]["scheduler"]
-
-
-def _batches(model) -> list[tuple]:
-    """An image batch, then a text-only one (the vision path gets no gradient: it steps with a zero one)."""
-    gen = torch.Generator().manual_seed(0)
-    image_id, (h, w), size = model.image_token_id, model.vision.grid_size, model.vision.image_size
-    ids = torch.randint(1, image_id, (2, h * w + 8), generator=gen)
-    with_image = ids.clone()
-    with_image[:, 1 : 1 + h * w] = image_id  # one image token per patch of the tower's grid
-    pixels = torch.randn(2, 3, size, size, generator=gen)
-    return [(with_image, pixels), (ids, None), (with_image, pixels)]
-
-
-def _train(module, optimizer, scheduler, batches, in_backward: bool) -> None:
-    for ids, pixels in batches:
-        module.model(ids, torch.ones_like(ids), pixels, ids).loss.backward()
-        if not in_backward:  # VLMModule.on_before_optimizer_step on one device: every parameter steps
-            for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is None):
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -65,11 +31,11 @@ def test_in_backward_steps_as_adamw_and_its_state_is_adamws(tiny_cfg, fused):
         cfg = tiny_cfg(*OPTIM, NO_CLIP, f"optim.in_backward={in_backward}", f"optim.fused={fused and in_backward}")
         L.seed_everything(0)
         modules[in_backward] = module = build_module(cfg)
-        optimizers[in_backward] = _optimizer(module, steps=6)
+        optimizers[in_backward] = optimizer_of(module, steps=6)
         assert isinstance(optimizers[in_backward][0], AdamWInBackward) == in_backward
-    batches = _batches(modules[True].model)
+    batches = image_and_text_batches(modules[True].model)
     for in_backward, module in modules.items():
-        _train(module, *optimizers[in_backward], batches[:2], in_backward)
+        train(module, *optimizers[in_backward], batches[:2], in_backward)
     plain, ours = (optimizers[k][0].state_dict() for k in (False, True))
     kernel = {"fused": None, "foreach": None}  # the kernel is the only setting that differs
     assert [{**g, **kernel} for g in plain["param_groups"]] == [{**g, **kernel} for g in ours["param_groups"]]
@@ -81,29 +47,18 @@ def test_in_backward_steps_as_adamw_and_its_state_is_adamws(tiny_cfg, fused):
     # a resume: the in-backward state (and the scheduler's) into a fresh optimizer over a copy of the weights
     resumed = build_module(tiny_cfg(*OPTIM, NO_CLIP, "optim.in_backward=true", f"optim.fused={fused}"))
     resumed.model.load_state_dict(modules[True].model.state_dict())
-    optimizer, scheduler = _optimizer(resumed, steps=6)
+    optimizer, scheduler = optimizer_of(resumed, steps=6)
     # deep copies, as from a checkpoint file: load_state_dict keeps the very tensors it is given
     optimizer.load_state_dict(copy.deepcopy(optimizers[True][0].state_dict()))
     scheduler.load_state_dict(copy.deepcopy(optimizers[True][1].state_dict()))
-    _train(resumed, optimizer, scheduler, batches[2:], in_backward=True)
+    train(resumed, optimizer, scheduler, batches[2:], in_backward=True)
     for in_backward, module in modules.items():
-        _train(module, *optimizers[in_backward], batches[2:], in_backward)
+        train(module, *optimizers[in_backward], batches[2:], in_backward)
     trained = dict(modules[False].model.named_parameters())
     for model in (modules[True].model, resumed.model):
         for name, p in model.named_parameters():
             torch.testing.assert_close(p, trained[name], rtol=1e-5, atol=1e-6, msg=name)
     optimizers[True][0].remove_hooks()
-
-
-class SaveAt(L.Callback):
-    """A full checkpoint (optimizer, scheduler, loops) after step `step`, as LastCheckpoint writes one."""
-
-    def __init__(self, step: int, path: str) -> None:
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 def test_a_fit_in_backward_follows_the_normal_fit_and_resumes_exactly(tiny_cfg, tmp_path):
