@@ -20,6 +20,8 @@ the given vocabulary. On the same weights and the same batches:
                       fused        optim.fused: true  (AdamW's fused kernel)
                       in_backward  optim.in_backward: true (each parameter steps inside backward and its gradient
                                    is freed at once; lit_modules/optim_in_backward.py)
+                      8bit         optim.states: 8bit (bitsandbytes' AdamW8bit: the two moment states block-quantized,
+                                   about 2 bytes per parameter instead of 8; lit_modules/optimizer.py; the lowmem extra)
 
 Batches are LLaVA-shaped: each sample holds 64 image tokens, a --prompt-token question and a --answer-token
 answer, labels on the answer only (about 10% of positions at the defaults). Each way runs in a fresh process,
@@ -88,7 +90,7 @@ def batches(args, image_token: int, n: int):
         yield ids, torch.ones_like(ids), pixels, labels
 
 
-OPTIONS = ("fused", "in_backward")  # the `optim` options the project's way may take (see the docstring)
+OPTIONS = ("fused", "in_backward", "8bit")  # the `optim` options the project's way may take (see the docstring)
 
 
 def project_optimizer(model, options: set[str], steps: int):
@@ -100,7 +102,8 @@ def project_optimizer(model, options: set[str], steps: int):
     from foundation.schema import OptimConfig
     from lit_modules.vlm_module import VLMModule
 
-    optim = OptimConfig(lr=1e-4, weight_decay=0.01, warmup_ratio=0.0, min_lr_ratio=1.0, **{o: True for o in options})
+    settings = {"states": "8bit" if "8bit" in options else "fp32", **{o: True for o in options - {"8bit"}}}
+    optim = OptimConfig(lr=1e-4, weight_decay=0.01, warmup_ratio=0.0, min_lr_ratio=1.0, **settings)
     module = VLMModule(model, SimpleNamespace(eos_token_id=0), stage="sft", trainable=["projector", "llm"], optim=optim)
     module.trainer = SimpleNamespace(
         estimated_stepping_batches=steps, strategy=SingleDeviceStrategy(torch.device("cpu"))

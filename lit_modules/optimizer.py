@@ -11,9 +11,8 @@ Quantization", 2022) keeps each in blocks of 256 one-byte codes of a dynamic-tre
 about 2 bytes per parameter. A step dequantizes a parameter's states, updates in fp32 and quantizes back; tensors
 under 4,096 values keep fp32 states. The trajectory is AdamW's up to the rounding of the states, not equal to it
 (tests/test_optim_states.py bounds the gap, on gradients whose magnitudes span orders too). On CUDA the step is one
-fused kernel; bitsandbytes' CPU step (0.50.2) is plain PyTorch that dequantizes a whole parameter's states to fp32
-temporaries, so on CPU it is slower than torch's AdamW and a step's peak holds those temporaries for the largest
-parameter (bench/bench_step_cost.py measures both). bitsandbytes is the `lowmem` extra. Tested on one device and
+fused kernel; on CPU it is plain PyTorch, taken a chunk at a time (lit_modules/adamw8bit.py), and slower than
+torch's fused AdamW (bench/bench_step_cost.py). bitsandbytes is the `lowmem` extra. Tested on one device and
 under DDP (each rank steps its full copy); FSDP and DeepSpeed shard the optimizer states themselves and are
 refused (experiment/validate.py).
 
@@ -66,10 +65,10 @@ def _adamw(groups: list[dict], optim: OptimConfig) -> tuple[type[torch.optim.Opt
     cpu_ops.setLevel(logging.ERROR)
     try:
         with needs_extra("lowmem", "optim.states: 8bit"):
-            import bitsandbytes
+            from lit_modules.adamw8bit import AdamW8bit
     finally:
         cpu_ops.setLevel(level)
-    return bitsandbytes.optim.AdamW8bit, kwargs
+    return AdamW8bit, kwargs
 
 
 def _kernel(groups: list[dict], fused: bool) -> dict:

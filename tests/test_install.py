@@ -34,7 +34,7 @@ EXTRA_OF_MODULE = {
     "tools/lmms_eval.py": "eval",
     "tools/write_shards.py": "stream",
     "datamodules/shards.py": "stream",
-    "lit_modules/optimizer.py": "lowmem",
+    "lit_modules/adamw8bit.py": "lowmem",
 }
 LOCAL = {*SETUPTOOLS["py-modules"], *(p.split(".")[0] for p in SETUPTOOLS["packages"])}
 

@@ -6,7 +6,7 @@ not support are refused in one line naming the option."""
 
 from __future__ import annotations
 
-import builtins
+import sys
 
 import lightning as L
 import pytest
@@ -15,6 +15,7 @@ import torch
 from experiment.assemble import build_module
 from foundation.errors import MissingExtra
 from foundation.schema import ConfigError
+from lit_modules.adamw8bit import CHUNK, AdamW8bit
 from lit_modules.optim_in_backward import StepsInBackward
 from tests.support.optim import FIT, NO_CLIP, OPTIM, SaveAt, image_and_text_batches, optimizer_of, train
 from tests.support.runs import LossRecorder, fit
@@ -56,7 +57,7 @@ def test_8bit_states_follow_adamw_in_a_quarter_of_the_bytes(spread, tolerance):
     gradients = _gradients(spread)
     start, _ = _run(torch.optim.AdamW, [])
     reference, adamw = _run(torch.optim.AdamW, gradients)
-    ours, eight_bit = _run(bitsandbytes.optim.AdamW8bit, gradients)
+    ours, eight_bit = _run(AdamW8bit, gradients)
     for p0, p, q in zip(start, reference, ours):
         expected, delta = p.detach() - p0.detach(), q.detach() - p0.detach()
         assert ((delta - expected).norm() / expected.norm()).item() < tolerance
@@ -78,12 +79,36 @@ def test_8bit_states_follow_adamw_in_a_quarter_of_the_bytes(spread, tolerance):
             assert error < 0.05
 
 
+def test_the_chunked_cpu_step_gives_bitsandbytes_own_bits():
+    """lit_modules/adamw8bit.py steps a CPU parameter a chunk at a time: the parameter and the codes and scales of
+    its states are bitwise bitsandbytes' own whole-tensor step, over chunks and a last, partial block."""
+    import bitsandbytes
+
+    gen = torch.Generator().manual_seed(0)
+    size = 2 * CHUNK + 3 * 256 + 100  # three chunks, the last one ending in a block of 100 values
+    start = torch.randn(size, generator=gen) * 0.02
+    gradients = [torch.randn(size, generator=gen) * torch.exp(torch.randn(size, generator=gen)) for _ in range(3)]
+    results = []
+    for optimizer_class in (bitsandbytes.optim.AdamW8bit, AdamW8bit):
+        p = torch.nn.Parameter(start.clone())
+        optimizer = optimizer_class([p], lr=1e-3, weight_decay=0.1)
+        for g in gradients:
+            p.grad = g.clone()
+            optimizer.step()
+        results.append((p.detach(), optimizer.state[p]))
+    (p, whole), (q, chunked) = results
+    assert torch.equal(p, q)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(whole[key], chunked[key]), key
+    assert whole["state1"].dtype == torch.uint8 and not torch.equal(p, start)
+
+
 def test_the_module_builds_8bit_adamw_with_each_parts_settings(tiny_cfg):
     import bitsandbytes
 
     module = build_module(tiny_cfg(*OPTIM, "optim.states=8bit"))
     optimizer, _ = optimizer_of(module, steps=6)
-    assert type(optimizer) is bitsandbytes.optim.AdamW8bit
+    assert type(optimizer) is AdamW8bit and isinstance(optimizer, bitsandbytes.optim.AdamW8bit)
     rates = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     assert rates["llm"] == (0.0, 0.1) and rates["llm_no_decay"] == (0.0, 0.0)  # warm-up starts at 0
     assert rates["projector"][1] == 0.1
@@ -142,13 +167,7 @@ def test_what_8bit_states_do_not_support_is_refused(tiny_cfg, overrides, named):
 
 def test_without_bitsandbytes_the_error_names_the_extra(tiny_cfg, monkeypatch):
     module = build_module(tiny_cfg("optim.states=8bit"))
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ModuleNotFoundError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it fails, as when it is not installed
+    monkeypatch.delitem(sys.modules, "lit_modules.adamw8bit")
     with pytest.raises(MissingExtra, match=r"optim.states: 8bit needs the lowmem extra: pip install -e '\.\[lowmem\]'"):
         optimizer_of(module, steps=2)
