@@ -3,7 +3,7 @@ options for the optimizer) against a plain transformers loop.
 
     python bench/bench_step_cost.py                       # Llama-3's 128,256-token vocabulary, CPU, 2 threads
     python bench/bench_step_cost.py --vocab 32002 --hidden 1024 --layers 8 --steps 8
-    python bench/bench_step_cost.py --options fused,in_backward   # the project's way with these options only
+    python bench/bench_step_cost.py --options fused,in_backward 8bit   # the project's way with these options only
     python bench/bench_step_cost.py --interleave --options fused,in_backward   # step times under the same load
 
 One training step = forward, backward and an AdamW step of a VisionLanguageModel: a CLIP tower from config
@@ -225,9 +225,9 @@ def main() -> None:
         "--options",
         type=_options,
         nargs="+",
-        default=[[], ["fused"], ["fused", "in_backward"]],
+        default=[[], ["fused"], ["fused", "in_backward"], ["8bit", "in_backward"]],
         help="the project's way once per entry, with these optim options: none, or a comma-separated subset of "
-        f"{', '.join(OPTIONS)} (default: none fused fused,in_backward)",
+        f"{', '.join(OPTIONS)} (default: none fused fused,in_backward 8bit,in_backward)",
     )
     parser.add_argument(
         "--interleave",
