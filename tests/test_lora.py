@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from experiment.assemble import build_datamodule, build_module
 from experiment.config import ConfigError, config_from_dict, load_config
@@ -47,7 +49,9 @@ def test_lora_trains_only_the_adapters_and_counts_stay_truthful(tiny_cfg, base_l
 
 
 def _optimizer_groups(module):
-    module._trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    module._trainer = SimpleNamespace(  # what configure_optimizers reads
+        estimated_stepping_batches=10, strategy=SingleDeviceStrategy(torch.device("cpu"))
+    )
     groups = module.configure_optimizers()["optimizer"].param_groups
     module._trainer = None
     return groups
