@@ -61,16 +61,17 @@ def test_in_backward_steps_as_adamw_and_its_state_is_adamws(tiny_cfg, fused):
     optimizers[True][0].remove_hooks()
 
 
-def test_a_fit_in_backward_follows_the_normal_fit_and_resumes_exactly(tiny_cfg, tmp_path):
-    """train.py's own path (experiment.runner.run): the same losses, parameters and logged lr per part as the
-    normal fit; resumed from its step-2 checkpoint, the same steps again; the checkpoint's optimizer state is the
-    normal run's."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_fit_in_backward_follows_the_normal_fit_and_resumes_exactly(tiny_cfg, tmp_path, precision):
+    """train.py's own path (experiment.runner.run), in fp32 and under bf16 autocast (its losses differ from fp32's
+    from the first step): the same losses, parameters and logged lr per part as the normal fit; resumed from its
+    step-2 checkpoint, the same steps again; the checkpoint's optimizer state is the normal run's."""
     runs = {}
     for name, extra in (("plain", ()), ("in_backward", ("optim.in_backward=true",)), ("resumed", None)):
         if extra is None:
             extra = ("optim.in_backward=true", f"resume={runs['in_backward']['checkpoint']}")
         checkpoint = str(tmp_path / f"{name}-step2.ckpt")
-        cfg = tiny_cfg(*OPTIM, *FIT, NO_CLIP, *extra, f"logging.run_name={name}")
+        cfg = tiny_cfg(*OPTIM, *FIT, NO_CLIP, *extra, f"trainer.precision={precision}", f"logging.run_name={name}")
         losses = LossRecorder()
         trainer = fit(cfg, losses, SaveAt(2, checkpoint))
         run_dir = os.path.join(cfg.logging.root, cfg.name, name)
