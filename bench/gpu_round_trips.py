@@ -43,15 +43,21 @@ CASES = {
     "lora_bf16": ["model.llm.config=null", "model.llm.path={base}", LORA],
     "qlora_4bit": ["model.llm.config=null", "model.llm.path={base}", LORA, "model.llm.quantization=4bit"],
     "qlora_8bit": ["model.llm.config=null", "model.llm.path={base}", LORA, "model.llm.quantization=8bit"],
+    # the optimizer's memory options (lit_modules/optimizer.py) on CUDA: stepped inside backward, then 8-bit states
+    # on bitsandbytes' fused CUDA kernel (the CPU tests cover its plain-PyTorch CPU step only)
+    "in_backward": ["optim.in_backward=true", "trainer.gradient_clip_val=null"],
+    "adamw_8bit": ["optim.states=8bit", "optim.in_backward=true", "trainer.gradient_clip_val=null"],
 }
 NEEDS = {
     "deepspeed_2": "deepspeed",
     "deepspeed_3": "deepspeed",
     "qlora_4bit": "bitsandbytes",
     "qlora_8bit": "bitsandbytes",
+    "adamw_8bit": "bitsandbytes",
 }
-# the uninterrupted curve each case is compared with
-REFERENCE = {"qlora_4bit": "lora_bf16", "qlora_8bit": "lora_bf16"}
+# the uninterrupted curve each case is compared with (in_backward's differs from single's, which clips gradients;
+# 8-bit states follow in_backward's fp32 AdamW up to their rounding)
+REFERENCE = {"qlora_4bit": "lora_bf16", "qlora_8bit": "lora_bf16", "adamw_8bit": "in_backward"}
 
 
 def common_overrides(work: str, steps: int, device: list[str]) -> list[str]:
