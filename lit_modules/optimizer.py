@@ -17,9 +17,10 @@ under DDP (each rank steps its full copy); FSDP and DeepSpeed shard the optimize
 refused (experiment/validate.py).
 
 torchao's low-bit AdamW (AdamW8bit, AdamWFp8; 0.18) was measured and left out: on gradients whose magnitudes span a
-few orders within a block (log-normal, sigma 2), its second-moment codes round small values to zero, and after 10
-steps the parameters' difference from torch's AdamW was 12-15x (8bit) and 87x (fp8) the norm of AdamW's own change;
-bitsandbytes' was 0.21x.
+few orders within a block (log-normal, sigma 2), after 10 steps its codes held a zero second moment for 0.6% (8bit)
+and 4.5% (fp8) of the values whose fp32 one was not, with their first moments kept, so those values stepped by
+m / eps: the parameters' difference from torch's AdamW was 12-15x (8bit) and 87x (fp8) the norm of AdamW's own
+change; bitsandbytes' was 0.21x.
 """
 
 from __future__ import annotations
