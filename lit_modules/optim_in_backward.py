@@ -18,8 +18,8 @@ idea is torchtune's `optimizer_in_bwd`; the mechanism is PyTorch's `Tensor.regis
 saves and restores it, and its `state_dict` is AdamW's own: a checkpoint's optimizer state is the same either way.
 The per-parameter steps are instances of the same optimizer class over one parameter each, sharing this optimizer's
 `state`, with the hyperparameters of its group (the current lr included) copied in before every step. Any optimizer
-that steps each parameter from its own state alone works the same way: torchao's low-bit AdamW (`optim.states`,
-lit_modules/optimizer.py) does.
+that steps each parameter from its own state alone works the same way: bitsandbytes' AdamW8bit (`optim.states:
+8bit`, lit_modules/optimizer.py) does.
 
 It cannot be correct where something must see every gradient before any step: gradient accumulation, clipping by
 the global norm, a loss scaler (fp16), or a strategy that reduces gradients across ranks after backward (DDP, FSDP,
