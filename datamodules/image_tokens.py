@@ -1,5 +1,6 @@
 """How many image tokens a record's images take, before any is decoded: the length checks, the record index and
-`group_by_length` read these counts, and the dataset expands each placeholder to the same count.
+`group_by_length` read these counts (and TensorBoard's HPARAMS their summary over the training set:
+`image_token_stats`), and the dataset expands each placeholder to the same count.
 
 A plain tower takes every image at its own input size: `num_tokens` each, whatever the file (the fast path: no
 file is opened). A tiling tower (AnyRes, encoders/anyres/) takes an image of height x width in a number of views
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 
 from foundation.views import VIEW_BASE_ONLY, VIEW_NEWLINE, VIEW_POOL
@@ -125,3 +127,34 @@ def image_tokens_of(spec, pad_to_square: bool, multi_image: str = "base", video_
     count = getattr(spec.preprocess, "num_image_tokens", None)
     views = getattr(spec.preprocess, "num_tiles", None)
     return ImageTokens(spec.num_tokens, count, views, pad_to_square, multi_image, video_pool)
+
+
+@dataclass(frozen=True)
+class ImageTokenStats:
+    """Image tokens per image over a training set's images, from its record index's counts (per record: its
+    images' tokens together and their number; a video is one image, its frames' tokens together).
+
+    Attributes:
+        mean: all the images' tokens over their number (each record as often as an epoch takes it).
+        min: the fewest an image takes (a record of several images counts as their mean).
+        max: the most an image takes, the same way.
+    """
+
+    mean: float
+    min: float
+    max: float
+
+
+def image_token_stats(
+    tokens: np.ndarray, images: np.ndarray, weights: np.ndarray | None = None
+) -> ImageTokenStats | None:
+    """The stats of records with `tokens` image tokens [N] over `images` images [N] each, record k taken
+    `weights[k]` times an epoch (float [N]; None: once); None when no record taken has an image."""
+    taken = images > 0 if weights is None else (images > 0) & (weights > 0)
+    if not taken.any():
+        return None
+    tokens, images = tokens[taken].astype(np.float64), images[taken].astype(np.float64)
+    w = 1.0 if weights is None else weights[taken]
+    per_image = tokens / images
+    mean = float((w * tokens).sum() / (w * images).sum())
+    return ImageTokenStats(mean=mean, min=float(per_image.min()), max=float(per_image.max()))

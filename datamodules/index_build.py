@@ -26,10 +26,17 @@ from datamodules.llava_data import ImagePaths, check_record
 from datamodules.templates import IGNORE_INDEX, TemplateError, encode
 from datamodules.token_count import TokenCounter
 
-ARRAYS = ("offsets", "sizes", "crc", "tokens", "images", "status", "id_hash")
+ARRAYS = ("offsets", "sizes", "crc", "tokens", "images", "image_tokens", "status", "id_hash")
 # What the checks find per record (offsets and sizes come from json_scan): CRC-32 of its bytes, tokens after
-# image expansion, images, 0 = usable / 1 = refused, a hash of its id (0: none).
-DTYPES = {"crc": np.uint32, "tokens": np.int32, "images": np.uint8, "status": np.uint8, "id_hash": np.uint64}
+# image expansion, images, the image tokens among those tokens, 0 = usable / 1 = refused, a hash of its id (0: none).
+DTYPES = {
+    "crc": np.uint32,
+    "tokens": np.int32,
+    "images": np.uint8,
+    "image_tokens": np.int32,
+    "status": np.uint8,
+    "id_hash": np.uint64,
+}
 CHUNK = 2048  # records per task
 VERIFY_FIRST, VERIFY_EVERY = 256, 1000  # records also encoded in full, to check the fast counts
 MISSING = "missing image file: "
@@ -110,7 +117,7 @@ def check_chunk(bounds: tuple[int, int]) -> dict:
             return len(enc.input_ids), any(label != IGNORE_INDEX for label in enc.labels)
 
         try:
-            length, num_images = check_record(
+            length, num_images, image_tokens = check_record(
                 rec,
                 images,
                 count,
@@ -129,6 +136,7 @@ def check_chunk(bounds: tuple[int, int]) -> dict:
             continue
         out["tokens"][k - lo] = length
         out["images"][k - lo] = min(num_images, 255)
+        out["image_tokens"][k - lo] = image_tokens
     return {"arrays": out, "bad": bad, "mismatch": mismatch, "fatal": fatal, "encoded": encoded}
 
 

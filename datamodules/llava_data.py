@@ -133,11 +133,11 @@ def check_record(
     image_token: str,
     video_frames: int = 32,
     video_time_prompt: str | None = None,
-) -> tuple[int, int]:
-    """A record's (tokens after image expansion, images: 0, their number, 1 for a video), or DataError /
-    TemplateError saying why it is unusable. `count(record)` gives (ids before expansion, whether any of them is
-    an answer token). `num_image_tokens`: tokens per image, or the rule that counts them per file
-    (datamodules/image_tokens.py); `video_frames` / `video_time_prompt`: `data.video_*` (datamodules/video.py).
+) -> tuple[int, int, int]:
+    """A record's (tokens after image expansion, images: 0, their number, 1 for a video, the image tokens of them
+    all), or DataError / TemplateError saying why it is unusable. `count(record)` gives (ids before expansion,
+    whether any of them is an answer token). `num_image_tokens`: tokens per image, or the rule that counts them per
+    file (datamodules/image_tokens.py); `video_frames` / `video_time_prompt`: `data.video_*` (datamodules/video.py).
 
     The checks, in this order: the record's structure, placeholders against images, the image files, the
     template (turn order, empty answers), the length, and that something is left to learn."""
@@ -181,7 +181,7 @@ def check_record(
         )
     if not has_answer:
         raise DataError("no answer tokens to learn")
-    return length, expected
+    return length, expected, image_tokens
 
 
 class LLaVADataset(Dataset):

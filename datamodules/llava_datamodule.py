@@ -26,7 +26,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from datamodules.bad_records import BadRecordCap, with_bad
-from datamodules.image_tokens import image_tokens_of
+from datamodules.image_tokens import ImageTokenStats, image_token_stats, image_tokens_of
 from datamodules.images import ImageSpec
 from datamodules.llava_data import LLaVADataset, collate
 from datamodules.mixture import Mixture
@@ -147,6 +147,21 @@ class LLaVADataModule(L.LightningDataModule):
     def duplicate_ids(self) -> int:
         """Records whose id an earlier record has (kept; logged to TensorBoard)."""
         return self.sources.duplicate_ids
+
+    def image_token_stats(self) -> ImageTokenStats | None:
+        """Image tokens per image over the training set's images (TensorBoard's HPARAMS), from the counts the
+        record indexes hold: numpy over arrays already mapped, no image opened. A mixture's records weigh as often
+        as an epoch takes them. None before `setup`, without images, or when a source has no per-record counts
+        (shards, checked as the run reads them)."""
+        samples = getattr(self.train_set, "samples", None)
+        tokens, images = getattr(samples, "image_tokens", None), getattr(samples, "num_images", None)
+        if tokens is None or images is None:
+            return None
+        weights = None
+        if self.mixture is not None:
+            m = self.mixture
+            weights = np.repeat([n / max(1, r) for n, r in zip(m.samples, m.records)], m.records)
+        return image_token_stats(tokens, images, weights)
 
     @property
     def val_sources(self) -> list[str]:

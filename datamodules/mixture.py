@@ -118,6 +118,19 @@ class MixtureSamples:
     def has_image(self) -> np.ndarray:
         return np.concatenate([np.asarray(p.has_image) for p in self.parts])
 
+    @property
+    def num_images(self) -> np.ndarray | None:
+        return self._counts("num_images")
+
+    @property
+    def image_tokens(self) -> np.ndarray | None:
+        return self._counts("image_tokens")
+
+    def _counts(self, name: str) -> np.ndarray | None:
+        """A per-record count of every part, None when a part has none (shards, checked as the run reads them)."""
+        counts = [getattr(p, name, None) for p in self.parts]
+        return None if any(c is None for c in counts) else np.concatenate(counts)
+
 
 class MixtureDataset(Dataset):
     """The sources' datasets one after another; each item names its source (`source`).

@@ -4,9 +4,10 @@
 once and then memory-mapped by every process that asks for it, for as long as its key holds: the file's size,
 modification time and first and last MiB, the tokenizer, the template, the length settings and the image folder.
 Per record it holds the byte offset and size (`__getitem__` reads a record by them), a CRC-32 of those bytes (a
-file edited under a run is an error, never a wrong record), the tokens after image expansion, the image count,
-the id's hash (duplicate ids) and the verdict: usable, or the check's message. A second start reads the verdicts
-instead of checking again; `data.on_error` is applied to them when the DataModule sets up (`RecordIndex.usable`).
+file edited under a run is an error, never a wrong record), the tokens after image expansion, the image count
+and their image tokens, the id's hash (duplicate ids) and the verdict: usable, or the check's message. A second
+start reads the verdicts instead of checking again; `data.on_error` is applied to them when the DataModule sets
+up (`RecordIndex.usable`).
 
 Built with one process per core (records are checked and counted in chunks; datamodules/token_count.py counts
 tokens from cached word counts where that is exact), by one process at a time: an exclusive `flock` next to the
@@ -36,7 +37,9 @@ from datamodules.index_build import ARRAYS, build_arrays
 from datamodules.json_scan import DataError, check_readable, record_spans
 from datamodules.llava_data import Sample, reason_key
 
-VERSION = 2  # bump when what the checks decide changes: older indexes are then rebuilt
+# Bump when what the checks decide or what the index holds changes: older indexes are then rebuilt
+# (3: the image tokens per record, for the HPARAMS figures of the run's own images).
+VERSION = 3
 HEAD_TAIL = 1 << 20  # bytes of the file's start and end in its content key
 MAX_LOGGED = 20  # skipped records named one by one in the log; the rest are counted
 
@@ -167,6 +170,16 @@ class IndexedSamples:
     @property
     def has_image(self) -> np.ndarray:
         return np.asarray(self.index.images[self.rows] > 0)
+
+    @property
+    def num_images(self) -> np.ndarray:
+        """Images per record (a video: 1), uint8 [N]."""
+        return np.asarray(self.index.images[self.rows])
+
+    @property
+    def image_tokens(self) -> np.ndarray:
+        """Image tokens per record, its images' together, int32 [N]."""
+        return np.asarray(self.index.image_tokens[self.rows])
 
 
 def content_key(path: str) -> dict:

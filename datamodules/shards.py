@@ -167,7 +167,7 @@ class ShardDataset(Dataset):
             encoded.append(self.encode_fn(record))
             return len(encoded[0].input_ids), any(label != IGNORE_INDEX for label in encoded[0].labels)
 
-        _, has_image = check_record(
+        _, has_image, _ = check_record(
             rec, EmbeddedImage(data), count, e.num_image_tokens, self.max_length, self.image_token
         )
         pixels, sizes, counts = None, [], []

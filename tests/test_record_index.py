@@ -68,7 +68,7 @@ def write(path, recs: list[dict], jsonl: bool = False, indent: int | None = None
 
 def verdict(tokenizer, rec: dict, shapes_root: str):
     """The check of one record the plain way (no scanner, no index, tokens by full encoding): (tokens after
-    expansion, has an image) or the check's message."""
+    expansion, images, image tokens) or the check's message."""
 
     def count(record):
         enc = encode(tokenizer, record["conversations"], "chatml")
@@ -93,7 +93,7 @@ def test_index_equals_a_plain_parse_and_check(tokenizer, shapes_root, tmp_path, 
         assert index.record(k) == rec
         want = verdict(tokenizer, rec, shapes_root)
         if isinstance(want, tuple):
-            assert (int(index.tokens[k]), bool(index.images[k])) == want and index.status[k] == 0
+            assert (int(index.tokens[k]), index.images[k], index.image_tokens[k]) == want and index.status[k] == 0
         else:
             assert index.status[k] == 1 and bad[k]["message"] == want
     assert "fast" in index.meta["counting"]

@@ -43,40 +43,54 @@ def layout(per_source: bool) -> dict:
     return {category: {**charts, **PER_SOURCE_LAYOUT.get(category, {})} for category, charts in LAYOUT.items()}
 
 
-def image_token_hparams(vision: VisionEncoder) -> dict[str, int]:
+def image_token_hparams(vision: VisionEncoder, data=None) -> dict[str, int | float | str]:
     """`image_tokens`, what the LLM sees of one image: a plain tower's `num_tokens`. A tiling's count depends on
-    the image's size, so there `image_tokens` is the largest at encoders/token_counts.py's `EXAMPLE_SIZES` (the
-    count `--describe` budgets the sequence for), beside the smallest (`image_tokens_min`), one encoder view's
-    (`image_tokens_per_view`) and the most views an image takes (`image_views`): two tilings with different grid
-    pinpoints or max_tiles share a tower, hence a per-view count, but not these."""
+    the image's size, so there, with `data` (the DataModule's `image_token_stats()`: the run's own training images,
+    counted by their record indexes), `image_tokens` is their mean per image and `image_tokens_min` /
+    `image_tokens_max` the fewest and most an image takes; without (no images, or a source with no per-record
+    counts: shards), the largest and smallest at encoders/token_counts.py's `EXAMPLE_SIZES` (`image_tokens` is then
+    the count `--describe` budgets the sequence for) and the most views an image takes there (`image_views`).
+    `image_tokens_from` says which. Beside them one encoder view's count (`image_tokens_per_view`): two tilings
+    with different grid pinpoints or max_tiles share a tower, hence a per-view count, but not the others."""
     counts = image_token_counts(vision)
     if not counts.varies:
         return {"image_tokens": counts.per_view}
+    if data is not None:
+        return {
+            "image_tokens": round(data.mean, 2),  # a mean: sorts as a number, two decimals shown
+            "image_tokens_min": data.min,
+            "image_tokens_max": data.max,
+            "image_tokens_per_view": counts.per_view,
+            "image_tokens_from": "training data",
+        }
     return {
         "image_tokens": max(counts.tokens),
         "image_tokens_min": min(counts.tokens),
+        "image_tokens_max": max(counts.tokens),
         "image_tokens_per_view": counts.per_view,
         "image_views": max(counts.views),
+        "image_tokens_from": "example sizes",
     }
 
 
 def comparison_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
     """What decides a comparison between runs: encoder (and its reducer, enhancer, tiling), image size and
-    tokens (`image_token_hparams`), projector, LLM, stage, trainable parts, learning rate, global batch, steps,
-    and every command-line override."""
+    tokens (`image_token_hparams`, of the training images when `trainer.datamodule` counts them), projector, LLM,
+    stage, trainable parts, learning rate, global batch, steps, and every command-line override."""
     cfg = pl_module.hparams.get("config", {})
     model, vision = cfg.get("model", {}), pl_module.model.vision
     text = pl_module.model.llm.config.get_text_config()
     llm = model.get("llm", {})
     data, optim = cfg.get("data", {}), cfg.get("optim", {})
     accumulate = trainer.accumulate_grad_batches
+    stats = getattr(getattr(trainer, "datamodule", None), "image_token_stats", None)  # LLaVADataModule's
     out = {
         "encoder": model.get("encoder", {}).get("name"),
         "reducer": (model.get("reducer") or {}).get("name", "none"),
         "enhancer": (model.get("enhancer") or {}).get("name", "none"),
         "tiling": (model.get("tiling") or {}).get("name", "none"),
         "image_size": vision.image_size,
-        **image_token_hparams(vision),
+        **image_token_hparams(vision, stats() if callable(stats) else None),
         "projector": model.get("projector"),
         "llm": llm.get("path") or f"{text.model_type} {text.num_hidden_layers}x{text.hidden_size} (random init)",
         "lora": "none" if not llm.get("lora") else str(llm["lora"]),
