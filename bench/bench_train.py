@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            label = " ".join([os.path.relpath(experiment, ROOT), *overrides])
+            # a row names its experiment and its --compare set; the overrides every run shares are printed once
+            label = " ".join([os.path.relpath(experiment, ROOT), *extra.split()])
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
             if proc.returncode or not lines:
                 print(f"{label}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done: {label}", file=sys.stderr, flush=True)
     if rows:
         print(f"device: {device}; medians over {a.steps} steps after {a.warmup} warm-up steps")
+        if common:
+            print("every run with: " + " ".join(common))
         print(table(rows))
 
 
