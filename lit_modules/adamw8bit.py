@@ -1,7 +1,7 @@
 """`optim.states: 8bit`: bitsandbytes' AdamW8bit, with its CPU step taken a chunk of a parameter at a time.
 
 bitsandbytes 0.50.2 steps a parameter with 8-bit states on CPU in plain PyTorch: it dequantizes the whole
-parameter's two states to fp32, updates, and quantizes them back, holding about 4.4 times the parameter in fp32
+parameter's two states to fp32, updates, and quantizes them back, holding about 4.5 times the parameter in fp32
 temporaries (1.1 GiB for a 128,256 x 512 embedding; measured) and streaming each pass through memory. The
 quantization works on independent blocks of 256 values, so the same call on consecutive chunks of whole blocks
 gives the same bits (tests/test_optim_states.py checks it), in temporaries the size of a chunk and about 1.5x faster
