@@ -27,3 +27,14 @@ def test_round_trips_resume_exactly_on_cpu(tmp_path):
     # the LoRA checkpoint holds the adapters and the projector, not the frozen base
     assert results["lora_bf16"]["checkpoint"]["MB"] < results["single"]["checkpoint"]["MB"] / 3
     assert "lora_bf16" in proc.stdout and "resume max|d|" in proc.stdout
+
+
+def test_gpu_session_script_parses_and_names_its_parts(tmp_path):
+    """bench/gpu_session.sh (README: "On a GPU"): valid bash, and a part it does not know is refused with the list
+    of parts before anything runs (its SMOKE=1 run at toy sizes takes about 2 minutes: run by hand)."""
+    script = os.path.join(REPO, "bench", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(
+        ["bash", script, "nope"], capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path))
+    )
+    assert proc.returncode == 2 and "choose from round_trips packing steps" in proc.stderr
