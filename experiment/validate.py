@@ -142,8 +142,7 @@ def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
             f"{key} steps each parameter before the others have gradients, so it cannot clip by their global norm "
             f"(trainer.gradient_clip_val = {trainer.gradient_clip_val}): set trainer.gradient_clip_val: null"
         )
-    strategy = trainer.get("strategy")
-    name = strategy.get("name") if isinstance(strategy, DictConfig) else strategy
+    name = _strategy_name(trainer)
     devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
     if name not in (None, "auto", "single_device") or _several(devices) or nodes != 1:
         raise ConfigError(
@@ -159,6 +158,12 @@ def _validate_in_backward(trainer: DictConfig, in_backward: bool) -> None:
         )
 
 
+def _strategy_name(trainer: DictConfig) -> str | None:
+    """`trainer.strategy`'s name, from either form (a name, or a mapping with `name`); None when unset."""
+    strategy = trainer.get("strategy")
+    return strategy.get("name") if isinstance(strategy, DictConfig) else strategy
+
+
 def _validate_states(trainer: DictConfig, optim: DictConfig) -> None:
     """`optim.states`: one of STATES; 8-bit states are bitsandbytes' AdamW8bit, which has no fused option and is not
     tested under FSDP or DeepSpeed (both shard the optimizer states themselves, lit_modules/optimizer.py)."""
@@ -172,8 +177,7 @@ def _validate_states(trainer: DictConfig, optim: DictConfig) -> None:
             f"'optim.fused' is torch's fp32 AdamW kernel, but {key} steps with bitsandbytes' own: set "
             f"optim.fused: false"
         )
-    strategy = trainer.get("strategy")
-    name = str(strategy.get("name") if isinstance(strategy, DictConfig) else strategy)
+    name = str(_strategy_name(trainer))
     if name.startswith(("fsdp", "deepspeed")):
         raise ConfigError(
             f"{key} runs on one device or under DDP; trainer.strategy = {name} shards the optimizer states itself: "

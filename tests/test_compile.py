@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from encoders import build_encoder
@@ -20,6 +19,7 @@ from lit_modules.vlm_module import VLMModule
 from model.blocks import compile_blocks, compiled_blocks, outer_blocks
 from model.projector import PROJECTORS
 from model.vlm import VisionLanguageModel
+from tests.support.optim import optimizer_of
 from tests.support.tiny_models import TINY_CLIP, TINY_LLAMA
 
 IMAGE_ID = TINY_LLAMA["vocab_size"] - 1
@@ -48,10 +48,7 @@ def test_compile_blocks_compiles_each_decoder_layer_and_vision_block_in_place():
 def _steps(optim: OptimConfig, steps: int = 3) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
     """`steps` AdamW steps of VLMModule's optimizer on one text batch; the trained parameters after them."""
     module = VLMModule(tiny_vlm(), tokenizer=SimpleNamespace(eos_token_id=1), stage="sft", optim=optim)
-    module.trainer = SimpleNamespace(  # what configure_optimizers reads
-        estimated_stepping_batches=steps, strategy=SingleDeviceStrategy(torch.device("cpu"))
-    )
-    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer, _ = optimizer_of(module, steps)
     ids = torch.randint(1, IMAGE_ID, (2, 9), generator=torch.Generator().manual_seed(0))
     for _ in range(steps):
         module.model(ids, torch.ones_like(ids), None, ids).loss.backward()

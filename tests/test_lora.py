@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from experiment.assemble import build_datamodule, build_module
 from experiment.config import ConfigError, config_from_dict, load_config
 from inference.load import load_module
+from tests.support.optim import optimizer_of
 from tools.merge_lora import merge_lora
 
 LORA = "model.llm.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}"
@@ -49,10 +48,7 @@ def test_lora_trains_only_the_adapters_and_counts_stay_truthful(tiny_cfg, base_l
 
 
 def _optimizer_groups(module):
-    module._trainer = SimpleNamespace(  # what configure_optimizers reads
-        estimated_stepping_batches=10, strategy=SingleDeviceStrategy(torch.device("cpu"))
-    )
-    groups = module.configure_optimizers()["optimizer"].param_groups
+    groups = optimizer_of(module, steps=10)[0].param_groups
     module._trainer = None
     return groups
 
