@@ -110,9 +110,12 @@ def test_the_module_builds_8bit_adamw_with_each_parts_settings(tiny_cfg):
     module = build_module(tiny_cfg(*OPTIM, "optim.states=8bit"))
     optimizer, _ = optimizer_of(module, steps=6)
     assert type(optimizer) is AdamW8bit and isinstance(optimizer, bitsandbytes.optim.AdamW8bit)
-    rates = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
-    assert rates["llm"] == (0.0, 0.1) and rates["llm_no_decay"] == (0.0, 0.0)  # warm-up starts at 0
-    assert rates["projector"][1] == 0.1
+    # each part's peak rate (OPTIM's lr_per_part; the scheduler keeps it as initial_lr, warm-up starts at 0) and
+    # weight decay (never on biases and norms)
+    settings = {g["name"]: (g["initial_lr"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    assert settings["llm"] == (0.003, 0.0, 0.1) and settings["llm_no_decay"] == (0.003, 0.0, 0.0)
+    assert settings["projector"] == (0.01, 0.0, 0.1) and settings["encoder"] == (1e-3, 0.0, 0.1)
+    assert optimizer.args.optim_bits == 8
 
 
 def test_8bit_states_step_the_same_inside_backward_and_resume_exactly(tiny_cfg, tmp_path):
