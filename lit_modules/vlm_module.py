@@ -249,6 +249,10 @@ class VLMModule(L.LightningModule):
         optimizer = build_optimizer(groups, self.optim, self.trainer.strategy)  # lit_modules/optimizer.py
         if isinstance(optimizer, StepsInBackward):
             self._in_backward = optimizer
+            # Nothing but the in-backward step reads a gradient here (no clipping, accumulation or second rank): an
+            # optimizer that takes sparse ones gets the input embedding's as the rows the batch used, instead of a
+            # dense [vocabulary, D] one (0.25 GiB at Llama-3's vocabulary and D 512, made and zeroed every step).
+            self._sparse_embedding_gradient(getattr(optimizer, "takes_sparse_gradients", False))
         total = int(self.trainer.estimated_stepping_batches)
         # restored from a resumed run's checkpoint; on_train_start reconciles it with `total` (optim.extend)
         self.lr_schedule = WarmupCosine(math.ceil(self.optim.warmup_ratio * total), total, self.optim.min_lr_ratio)
@@ -260,6 +264,12 @@ class VLMModule(L.LightningModule):
         if getattr(self, "_in_backward", None) is not None:
             self._in_backward.remove_hooks()
             self._in_backward = None
+            self._sparse_embedding_gradient(False)
+
+    def _sparse_embedding_gradient(self, sparse: bool) -> None:
+        embedding = self.model.llm.get_input_embeddings()
+        if isinstance(embedding, torch.nn.Embedding):
+            embedding.sparse = sparse
 
     def teardown(self, stage: str) -> None:
         self._remove_in_backward_hooks()  # the parameters no longer step on their own after the fit

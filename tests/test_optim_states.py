@@ -15,7 +15,7 @@ import torch
 from experiment.assemble import build_module
 from foundation.errors import MissingExtra
 from foundation.schema import ConfigError
-from lit_modules.adamw8bit import CHUNK, AdamW8bit
+from lit_modules.adamw8bit import CHUNK, AdamW8bit, _quantize, _table
 from lit_modules.optim_in_backward import StepsInBackward
 from tests.support.optim import FIT, NO_CLIP, OPTIM, SaveAt, image_and_text_batches, optimizer_of, train
 from tests.support.processes import finished_losses, start_sixteen_steps
@@ -145,6 +145,55 @@ def test_a_block_without_gradient_decays_without_requantizing():
     assert ((q[busy] - p[busy]).norm() / (p[busy] - start[busy]).norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("signed", [True, False])  # the first moment's map, and the second's (values >= 0)
+def test_the_quantizer_gives_bitsandbytes_own_codes(signed):
+    """lit_modules/adamw8bit.py's quantizer restates bitsandbytes' CPU one in torch ops: the same codes and scales,
+    bit for bit, over blocks whose magnitudes span orders, an all-zero block and one holding a single value."""
+    from bitsandbytes.functional import create_dynamic_map
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randn(1024, 256, generator=gen) * torch.exp(3 * torch.randn(1024, 256, generator=gen))
+    blocks[3] = 0.0
+    blocks[5] = 0.0
+    blocks[5, 17] = -2.5
+    if not signed:
+        blocks = blocks.abs()
+    qmap = create_dynamic_map(signed=signed).float()
+    expected_codes, expected_absmax = torch.ops.bitsandbytes.quantize_blockwise(blocks, qmap, 256)
+    codes = torch.empty(1024, 256, dtype=torch.uint8)
+    absmax = _quantize(blocks, _table(qmap.numpy().tobytes()), codes)
+    assert torch.equal(codes, expected_codes) and torch.equal(absmax, expected_absmax)
+
+
+def test_a_sparse_gradient_steps_as_its_dense_form():
+    """An embedding's sparse gradient (`nn.Embedding(sparse=True)`: the rows the batch used) steps as the same
+    gradient made dense, over chunks, rows that straddle blocks (96 values a row) and a last, partial block: bit
+    for bit where a row was used once; a row used three times sums its three parts in another order (measured: 2
+    of its 96 values differ in the last bit), and so may the codes of its states."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(6001, 96, generator=gen) * 0.02  # 576,096 values: 2 chunks and a partial third
+    runs, used = [], torch.zeros(6001, dtype=torch.long)
+    for sparse in (True, False):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = AdamW8bit([weight], lr=1e-3, weight_decay=0.1)
+        for step in range(3):
+            ids = torch.randint(0, 6001, (4, 50), generator=torch.Generator().manual_seed(step))
+            ids[0, :3] = 7  # one row used three times
+            used += torch.bincount(ids.flatten(), minlength=6001) * sparse
+            out = torch.nn.functional.embedding(ids, weight, sparse=sparse)
+            (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + step))).sum().backward()
+            assert weight.grad.is_sparse == sparse
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append((weight.detach(), optimizer.state[weight]))
+    (p, rows), (q, dense) = runs
+    once = used <= 1
+    assert torch.equal(p[once], q[once]) and not torch.equal(p, start)
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert (rows[key] != dense[key]).sum() <= 2, key
+
+
 def test_the_module_builds_8bit_adamw_with_each_parts_settings(tiny_cfg):
     import bitsandbytes
 
@@ -170,13 +219,18 @@ def test_8bit_states_step_the_same_inside_backward_and_resume_exactly(tiny_cfg, 
         modules[in_backward] = build_module(cfg)
         optimizers[in_backward] = optimizer_of(modules[in_backward], steps=6)
     assert isinstance(optimizers[True][0], StepsInBackward)
+    # stepped in backward, the input embedding's gradient comes sparse (the rows the batch used), and dense again
+    # once the fit is over
+    embeddings = {k: m.model.llm.get_input_embeddings() for k, m in modules.items()}
+    assert embeddings[True].sparse and not embeddings[False].sparse
     batches = image_and_text_batches(modules[True].model)
     for in_backward, module in modules.items():
         train(module, *optimizers[in_backward], batches, in_backward)
     normal = dict(modules[False].model.named_parameters())
     for name, p in modules[True].model.named_parameters():
         torch.testing.assert_close(p, normal[name], rtol=1e-6, atol=1e-7, msg=name)
-    optimizers[True][0].remove_hooks()
+    modules[True].teardown("fit")
+    assert not embeddings[True].sparse
 
     runs = {}
     for name in ("whole", "resumed"):
