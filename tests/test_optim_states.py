@@ -136,7 +136,7 @@ def test_a_block_without_gradient_decays_without_requantizing():
     quiet = slice(0, CHUNK // 2)  # half a chunk of blocks, without gradient after the first step
     for g in gradients[1:]:
         g[quiet] = 0
-    (p, theirs, _), (q, ours, state) = _bitsandbytes_and_ours(start, gradients)
+    (p, theirs, _), (q, ours, _) = _bitsandbytes_and_ours(start, gradients)
     decayed = 0.9**2 * ours[0][quiet]
     assert ((ours[2][quiet] - decayed).abs().max() / decayed.abs().max()).item() < 1e-6
     assert ((theirs[2][quiet] - decayed).abs().max() / decayed.abs().max()).item() > 1e-3  # bitsandbytes' drift
