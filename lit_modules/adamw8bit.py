@@ -70,8 +70,9 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -
     return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, BLOCK, torch.float32)
 
 
-def _quantize_into(state: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, beta: float,
-                   active: torch.Tensor | None) -> None:  # fmt: skip
+def _quantize_into(
+    state: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, beta: float, active
+) -> None:
     """Store `state` (fp32, a chunk of whole blocks) as `codes` and `absmax`. `active` marks the blocks with a
     gradient ([blocks] bool, or None for all); the others decayed by `beta` and keep their codes."""
     if active is None:
