@@ -44,7 +44,7 @@ CASES = {
     "qlora_4bit": ["model.llm.config=null", "model.llm.path={base}", LORA, "model.llm.quantization=4bit"],
     "qlora_8bit": ["model.llm.config=null", "model.llm.path={base}", LORA, "model.llm.quantization=8bit"],
     # the optimizer's memory options (lit_modules/optimizer.py) on CUDA: stepped inside backward, then 8-bit states
-    # on bitsandbytes' fused CUDA kernel (the CPU tests cover its plain-PyTorch CPU step only)
+    # on bitsandbytes' fused CUDA kernel (the CPU tests cover the project's CPU step, lit_modules/adamw8bit.py)
     "in_backward": ["optim.in_backward=true", "trainer.gradient_clip_val=null"],
     "adamw_8bit": ["optim.states=8bit", "optim.in_backward=true", "trainer.gradient_clip_val=null"],
 }

@@ -268,8 +268,10 @@ class VLMModule(L.LightningModule):
 
     def _sparse_embedding_gradient(self, sparse: bool) -> None:
         embedding = self.model.llm.get_input_embeddings()
-        if isinstance(embedding, torch.nn.Embedding):
+        if isinstance(embedding, torch.nn.Embedding) and embedding.sparse != sparse:
             embedding.sparse = sparse
+            if sparse and embedding.weight.requires_grad:
+                rank_zero_info("optim.in_backward: the input embedding's gradient is sparse, the rows each batch used")
 
     def teardown(self, stage: str) -> None:
         self._remove_in_backward_hooks()  # the parameters no longer step on their own after the fit

@@ -209,13 +209,16 @@ def test_the_module_builds_8bit_adamw_with_each_parts_settings(tiny_cfg):
 
 
 def test_8bit_states_step_the_same_inside_backward_and_resume_exactly(tiny_cfg, tmp_path):
-    """The optimizer alone: `optim.in_backward` with 8bit states gives the parameters of the normal path's step.
-    Then train.py's own path: a fit with 8bit states, and the same fit resumed from its step-2 checkpoint (which
-    holds the 8-bit codes, and loads with weights_only): the same losses at steps 3 and 4."""
+    """The optimizer alone: `optim.in_backward` with 8bit states gives the parameters of the normal path's step up to
+    rounding, its input embedding's gradient sparse there and dense in the normal path (a 256-token vocabulary, so the
+    embedding's states are 8-bit and most of its rows get no gradient). Then train.py's own path: a fit with 8bit
+    states, and the same fit resumed from its step-2 checkpoint (which holds the 8-bit codes, and loads with
+    weights_only): the same losses at steps 3 and 4."""
     modules, optimizers = {}, {}
     for in_backward in (False, True):
         L.seed_everything(0)
-        cfg = tiny_cfg(*OPTIM, NO_CLIP, "optim.states=8bit", f"optim.in_backward={in_backward}")
+        vocab = "model.llm.config.vocab_size=256"  # 256 x 32 values: over bitsandbytes' 4,096 for 8-bit states
+        cfg = tiny_cfg(*OPTIM, NO_CLIP, vocab, "optim.states=8bit", f"optim.in_backward={in_backward}")
         modules[in_backward] = build_module(cfg)
         optimizers[in_backward] = optimizer_of(modules[in_backward], steps=6)
     assert isinstance(optimizers[True][0], StepsInBackward)
@@ -228,7 +231,10 @@ def test_8bit_states_step_the_same_inside_backward_and_resume_exactly(tiny_cfg, 
         train(module, *optimizers[in_backward], batches, in_backward)
     normal = dict(modules[False].model.named_parameters())
     for name, p in modules[True].model.named_parameters():
-        torch.testing.assert_close(p, normal[name], rtol=1e-6, atol=1e-7, msg=name)
+        # a row the batches use many times sums its parts in another order, sparse or dense; at a code boundary the
+        # rounding moves a value by one code (measured at most 1.5e-5 of a tensor's largest value)
+        assert ((p - normal[name]).abs().max() / normal[name].abs().max()).item() < 1e-4, name
+    assert optimizers[True][0].state[embeddings[True].weight]["state1"].dtype == torch.uint8
     modules[True].teardown("fit")
     assert not embeddings[True].sparse
 
